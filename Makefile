@@ -1,0 +1,46 @@
+# i2i-unlearning: `make help` lists the targets.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+export HF_HUB_OFFLINE := 1
+export WANDB_MODE ?= offline
+export WANDB_SILENT := true
+
+.PHONY: help setup data demo test sweep report lint clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-8s %s\n", $$1, $$2}'
+
+setup: $(STAMP) data ## build .venv (Python 3.11, pinned packages) and install the embedded data set
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "setup: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11'"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+data: ## install Debian's dataset-fashion-mnist when it is missing
+	@if [ -f $(FMNIST) ]; then echo "data: Fashion-MNIST found in /usr/share/datasets/fashion-mnist"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -q && apt-get install -y -q dataset-fashion-mnist) >/dev/null && echo "data: installed dataset-fashion-mnist"; \
+	else echo "data: Fashion-MNIST is missing and apt is not usable here. Download the four *-idx*-ubyte.gz files"; \
+	  echo "      of Fashion-MNIST into a folder and run with data.source.root=/that/folder"; fi
+
+demo: setup ## run every method on MAE / Fashion-MNIST and print outputs/demo/summary.md
+	$(BIN)/python experiments/demo.py
+
+test: setup ## run the test suite (CPU, tiny sizes)
+	$(BIN)/python -m pytest -q tests
+
+sweep: setup ## a local multirun sweep: MAE x {ours, max_loss} x seeds {0,1}, then the report
+	$(BIN)/i2iu -m method=ours,max_loss seed=0,1 paths.output_dir=outputs/sweep
+	$(BIN)/i2iu-report outputs/sweep
+
+lint: setup ## ruff
+	$(BIN)/ruff check i2i_unlearning tests experiments
+
+clean: ## remove outputs and caches (keeps .venv)
+	rm -rf outputs data_cache .pytest_cache

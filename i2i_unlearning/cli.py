@@ -1,0 +1,99 @@
+"""Console entry points: ``i2iu`` (one run, or a sweep with -m) and ``i2iu-report DIR``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from .runs import atomic_write_json, config_hash, finished, run_dir, semantic_config
+
+log = logging.getLogger("i2iu")
+
+
+def make_logger(cfg: DictConfig, run: Path):
+    """The configured Lightning logger writing into the run dir (W&B: tagged, grouped, stable id)."""
+    if cfg.get("logger") is None:
+        return None
+    from hydra.utils import instantiate
+
+    if cfg.logger._target_.endswith("WandbLogger"):
+        os.environ.setdefault("WANDB_SILENT", "true")
+        return instantiate(
+            cfg.logger, name=run.name, id=run.name, save_dir=str(run), group=f"{cfg.data.name}-{cfg.task}",
+            tags=[cfg.model.name, cfg.method.name, cfg.data.name, f"seed{cfg.seed}"],
+            config=semantic_config(cfg), resume="allow",
+        )
+    return instantiate(cfg.logger, save_dir=str(run), name="logs")
+
+
+def _log_results(logger, run: Path, result: dict) -> None:
+    if logger is None:
+        return
+    flat = {f"eval/{k}": v for k, v in {**result["metrics"], **result["floors"]}.items()}
+    logger.log_metrics({**flat, "eval/unlearn_s": result["unlearn_s"]})
+    if hasattr(logger, "log_image") and (run / "grid.png").exists():
+        logger.log_image("eval/grid", images=[str(run / "grid.png")])
+    logger.finalize("success")
+    if hasattr(logger, "experiment") and hasattr(logger.experiment, "finish"):
+        logger.experiment.finish()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    """Run one (family, method, data, seed) cell; skip it if an identical run already finished."""
+    from . import pipeline
+
+    logging.basicConfig(level=logging.INFO, format="[i2iu] %(message)s", force=True)
+    chash = config_hash(cfg)
+    run = run_dir(cfg)
+    if finished(run, chash):
+        log.info("%s: already finished, skipping (delete the dir to re-run)", run)
+        return
+    run.mkdir(parents=True, exist_ok=True)
+    pipeline.write_config(cfg, run)
+    logger = None
+    try:
+        logger = make_logger(cfg, run)
+        result = pipeline.run(cfg, run, chash, logger=logger)
+    except Exception as exc:  # a failed cell is a row with its error, never a silent gap
+        atomic_write_json(run / "metrics.json", {
+            "family": cfg.model.name, "method": cfg.method.name, "dataset": cfg.data.name, "seed": cfg.seed,
+            "status": "failed", "error": f"{type(exc).__name__}: {exc}", "config_hash": chash,
+            "traceback": traceback.format_exc(),
+        })
+        if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+            raise
+        log.error("%s failed: %s: %s", run.name, type(exc).__name__, exc)
+        return
+    atomic_write_json(run / "metrics.json", result)
+    _log_results(logger, run, result)
+    m = result["metrics"]
+    log.info("%s done: retain fid %.3f cos %.3f acc %.3f | forget fid %.3f cos %.3f acc %.3f -> %s",
+             result["method"], m["retain_fid"], m["retain_cos"], m["retain_class_acc"],
+             m["forget_fid"], m["forget_cos"], m["forget_class_acc"], run)
+
+
+def report_main(argv: list[str] | None = None) -> int:
+    """``i2iu-report DIR [--out OUT]``: summary.csv + summary.md of every run below DIR."""
+    from .report.summary import write_summary
+
+    p = argparse.ArgumentParser(prog="i2iu-report", description=report_main.__doc__)
+    p.add_argument("dir", type=Path, help="a sweep dir (every metrics.json below it is a row)")
+    p.add_argument("--out", type=Path, default=None, help="where to write the summary (default: DIR)")
+    a = p.parse_args(argv)
+    if not a.dir.is_dir():
+        print(f"i2iu-report: {a.dir} is not a directory", file=sys.stderr)
+        return 2
+    csv_path, md_path = write_summary(a.dir, a.out)
+    print(md_path.read_text())
+    print(f"wrote {csv_path} and {md_path}")
+    return 0

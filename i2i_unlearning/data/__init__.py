@@ -1,0 +1,1 @@
+"""Data: sources, prepare (class split -> webdataset shards), degradation masks, datamodule."""

@@ -1,0 +1,316 @@
+"""Lightning data module: named training streams over prepared shards, with random masks drawn on the fly.
+
+Each stream resamples shards (weighted by their sample counts) forever and cuts a fixed number of
+batches per epoch, so DDP ranks never wait on one another over uneven shards. The shard sequence of an
+epoch is shared and split across ranks and workers; sample shuffling and masks are seeded per
+(seed, stream, epoch, rank, worker). The epoch counter lives in the main process and is part of
+`state_dict`, so a run resumed at an epoch boundary sees the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections.abc import Iterator
+from itertools import accumulate, islice
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import webdataset as wds
+from lightning.pytorch.utilities.combined_loader import CombinedLoader
+from webdataset.utils import pytorch_worker_info
+
+from i2i_unlearning.data.degrade import eval_mask, random_patch_mask
+from i2i_unlearning.data.prepare import load_manifest
+from i2i_unlearning.data.shards import decode_png, verify_shards
+from i2i_unlearning.errors import ConfigError
+
+
+def _stream_seed(seed: int, name: str) -> int:
+    """A stable integer seed for (seed, stream name), independent of Python's hash randomisation."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little")
+
+
+def _derived_seed(*parts: int) -> int:
+    """A 63-bit seed mixed from non-negative integers."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(2, dtype=np.uint32).view(np.uint64)[0] >> 1)
+
+
+class _Epoch:
+    """The current epoch of a stream, set in the main process before each pass (workers get a copy)."""
+
+    def __init__(self):
+        self.value = 0
+
+
+class _ResampledShards(torch.utils.data.IterableDataset):
+    """Endless shard urls, drawn with probability proportional to their sample counts, seeded per epoch."""
+
+    def __init__(self, urls: list[str], counts: list[int], seed: int, epoch: _Epoch):
+        super().__init__()
+        self.urls, self.cum_counts, self.seed, self.epoch = urls, list(accumulate(counts)), seed, epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        rng = random.Random(_derived_seed(self.seed, self.epoch.value))
+        while True:
+            yield {"url": rng.choices(self.urls, cum_weights=self.cum_counts)[0]}
+
+
+class _Decode:
+    """Raw tar samples -> {"image": float (C,H,W) in [0,1], "label": int, "key": str} (picklable for workers)."""
+
+    def __init__(self, channels: int):
+        self.channels = channels
+
+    def __call__(self, samples):
+        for sample in samples:
+            image = decode_png(sample["png"], self.channels)
+            yield {
+                "image": torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0),
+                "label": int(sample["cls"]),
+                "key": sample["__key__"],
+            }
+
+
+def _local_seed(seed: int, epoch: _Epoch) -> int:
+    """Seed for this (stream, epoch, rank, worker), read where the pipeline runs."""
+    rank, _, worker, _ = pytorch_worker_info()
+    return _derived_seed(seed, epoch.value, rank, worker)
+
+
+class _Shuffle:
+    """Buffer shuffle of raw (still encoded) samples, seeded per (stream, epoch, rank, worker)."""
+
+    def __init__(self, bufsize: int, seed: int, epoch: _Epoch):
+        self.bufsize, self.seed, self.epoch = bufsize, seed, epoch
+
+    def __call__(self, samples):
+        if self.bufsize < 2:
+            yield from samples
+            return
+        rng = random.Random(_local_seed(self.seed, self.epoch))
+        buffer = []
+        for sample in samples:
+            if len(buffer) < self.bufsize:
+                buffer.append(sample)
+                continue
+            i = rng.randrange(len(buffer))
+            buffer[i], sample = sample, buffer[i]
+            yield sample
+        rng.shuffle(buffer)
+        yield from buffer
+
+
+def _collate(samples: list[dict]) -> dict:
+    return {
+        "image": torch.stack([s["image"] for s in samples]),
+        "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
+        "key": [s["key"] for s in samples],
+    }
+
+
+class _MaskedBatches:
+    """Group samples into batches and add a random patch mask per batch from a seeded generator."""
+
+    def __init__(
+        self, batch_size: int, size: int, patch: int, ratio: tuple[float, float], seed: int, epoch: _Epoch
+    ):
+        self.batch_size, self.size, self.patch, self.ratio = batch_size, size, patch, ratio
+        self.seed, self.epoch = seed, epoch
+
+    def __call__(self, samples):
+        generator = torch.Generator().manual_seed(_local_seed(self.seed, self.epoch))
+        samples = iter(samples)
+        while batch := list(islice(samples, self.batch_size)):
+            if len(batch) < self.batch_size:
+                return
+            out = _collate(batch)
+            out["mask"] = random_patch_mask(self.batch_size, self.size, self.patch, self.ratio, generator)
+            yield out
+
+
+class _StreamLoader:
+    """One stream's loader: `epoch_batches` batches per pass, the epoch taken lazily on the first batch.
+
+    Lazy, so that Lightning's probing `iter()` calls neither start workers nor use up an epoch.
+    """
+
+    def __init__(
+        self, loader: wds.WebLoader, epoch: _Epoch, counters: dict[str, int], name: str, length: int
+    ):
+        self.loader, self.epoch, self.counters, self.name, self.length = loader, epoch, counters, name, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[dict]:
+        self.epoch.value = self.counters[self.name]
+        self.counters[self.name] += 1
+        yield from islice(iter(self.loader), self.length)
+
+
+class ForgetRetainDataModule(L.LightningDataModule):
+    """Training streams (e.g. forget / retain) over a prepared data dir, plus fixed-order eval batches.
+
+    `streams` maps a stream name to the splits it concatenates; `train_dataloader` always returns a
+    CombinedLoader ("min_size"), so a training step gets `batch[stream]` = {"image", "label", "mask", "key"}.
+    Shards are verified against the manifest at construction (fail fast, before any training).
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        streams: dict[str, list[str]],
+        batch_size: int = 64,
+        epoch_batches: int = 100,
+        num_workers: int = 0,
+        patch: int = 4,
+        mask_ratio: tuple[float, float] = (0.5, 0.9),
+        seed: int = 0,
+        shuffle_buffer: int = 2000,
+    ):
+        super().__init__()
+        self.data_dir = Path(data_dir)
+        self._manifest = load_manifest(self.data_dir)
+        self.streams = {str(name): [str(s) for s in splits] for name, splits in dict(streams).items()}
+        self.batch_size = batch_size
+        self.epoch_batches = epoch_batches
+        self.num_workers = num_workers
+        self.patch = patch
+        self.mask_ratio = tuple(mask_ratio)
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self._check_settings()
+        self._check_streams()
+        needed = sorted({split for splits in self.streams.values() for split in splits})
+        verify_shards(self.data_dir, self._manifest, needed)
+        self._verified = set(needed)
+        self._epochs = {name: 0 for name in self.streams}
+
+    def _check_settings(self) -> None:
+        for name in ("batch_size", "epoch_batches"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)}: use a positive integer")
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers={self.num_workers}: use 0 (main process) or more")
+        if self.seed < 0:
+            raise ConfigError(f"seed={self.seed}: use a non-negative integer seed")
+        if self.patch < 1 or self.image_size % self.patch:
+            raise ConfigError(
+                f"patch={self.patch} does not divide the prepared image size {self.image_size}; "
+                "choose a patch size that divides it (e.g. 4 for 32)"
+            )
+        low, high = self.mask_ratio
+        if not 0.0 <= low <= high <= 1.0:
+            raise ConfigError(
+                f"mask_ratio={list(self.mask_ratio)}: use [low, high] with 0 <= low <= high <= 1"
+            )
+
+    def _check_streams(self) -> None:
+        valid = list(self._manifest["splits"])
+        if not self.streams:
+            raise ConfigError(f"streams is empty; name at least one stream, e.g. {{'train': {valid[:1]}}}")
+        for name, splits in self.streams.items():
+            if not splits:
+                raise ConfigError(f"stream {name!r} lists no splits; use some of {valid}")
+            for split in splits:
+                if split not in valid:
+                    raise ConfigError(f"stream {name!r}: unknown split {split!r}; valid splits: {valid}")
+            if sum(self._manifest["splits"][s]["count"] for s in splits) == 0:
+                counts = {s: self._manifest["splits"][s]["count"] for s in splits}
+                raise ConfigError(
+                    f"stream {name!r} has no samples (split counts {counts} in {self.data_dir}); "
+                    "use splits with data, e.g. name proxy classes or use retain_train"
+                )
+
+    @property
+    def manifest(self) -> dict:
+        """The data dir's manifest.json."""
+        return self._manifest
+
+    @property
+    def image_size(self) -> int:
+        """Side of the (square) prepared images in pixels."""
+        return int(self._manifest["image_size"])
+
+    @property
+    def channels(self) -> int:
+        """Image channels: 1 (grey) or 3 (RGB)."""
+        return int(self._manifest["channels"])
+
+    @property
+    def class_names(self) -> list[str]:
+        """All class names of the source; labels index this list."""
+        return list(self._manifest["class_names"])
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes of the source (forget, retain and proxy together)."""
+        return len(self._manifest["class_names"])
+
+    def _shards(self, splits: list[str]) -> tuple[list[str], list[int]]:
+        shards = [shard for split in splits for shard in self._manifest["splits"][split]["shards"]]
+        return [str(self.data_dir / s["name"]) for s in shards], [s["count"] for s in shards]
+
+    def _stream_loader(self, name: str) -> _StreamLoader:
+        urls, counts = self._shards(self.streams[name])
+        seed, epoch = _stream_seed(self.seed, name), _Epoch()
+        per_worker = math.ceil(self.epoch_batches / max(1, self.num_workers))
+        pipeline = wds.DataPipeline(
+            _ResampledShards(urls, counts, seed, epoch),
+            wds.split_by_node,
+            wds.split_by_worker,
+            wds.tarfile_to_samples(),
+            _Shuffle(self.shuffle_buffer, seed, epoch),
+            _Decode(self.channels),
+            _MaskedBatches(self.batch_size, self.image_size, self.patch, self.mask_ratio, seed, epoch),
+        ).with_epoch(per_worker)
+        loader = wds.WebLoader(pipeline, batch_size=None, num_workers=self.num_workers)
+        return _StreamLoader(loader, epoch, self._epochs, name, self.epoch_batches)
+
+    def train_dataloader(self) -> CombinedLoader:
+        """All streams side by side, `epoch_batches` batches per epoch: batch[name] per stream."""
+        return CombinedLoader({name: self._stream_loader(name) for name in self.streams}, mode="min_size")
+
+    def eval_batches(
+        self, split: str, task: str, batch_size: int = 256, limit: int | None = None
+    ) -> Iterator[dict]:
+        """Batches of one split in manifest order with the fixed mask of eval `task`; at most `limit` images."""
+        valid = list(self._manifest["splits"])
+        if split not in valid:
+            raise ConfigError(f"unknown split {split!r}; valid splits: {valid}")
+        if batch_size < 1 or (limit is not None and limit < 0):
+            raise ConfigError(
+                f"eval_batches(batch_size={batch_size}, limit={limit}): use batch_size >= 1, limit >= 0"
+            )
+        mask = eval_mask(task, self.image_size, self.patch)
+        if split not in self._verified:
+            verify_shards(self.data_dir, self._manifest, [split])
+            self._verified.add(split)
+        return self._eval_iter(split, mask, batch_size, limit)
+
+    def _eval_iter(
+        self, split: str, mask: torch.Tensor, batch_size: int, limit: int | None
+    ) -> Iterator[dict]:
+        urls, _ = self._shards([split])
+        if not urls:
+            return
+        samples = wds.DataPipeline(
+            wds.SimpleShardList(urls), wds.tarfile_to_samples(), _Decode(self.channels)
+        )
+        samples = islice(iter(samples), limit)
+        while batch := list(islice(samples, batch_size)):
+            out = _collate(batch)
+            out["mask"] = mask.expand(len(batch), -1, -1, -1).clone()
+            yield out
+
+    def state_dict(self) -> dict:
+        """The next epoch index of each stream (saved in checkpoints so resumed runs see the same data)."""
+        return {"epochs": dict(self._epochs)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the streams' epoch counters from a checkpoint."""
+        self._epochs.update({k: int(v) for k, v in state_dict.get("epochs", {}).items() if k in self._epochs})

@@ -1,0 +1,153 @@
+"""The I2I degradation T: masks (1 = missing pixel to generate, 0 = known), fills and noise images.
+
+Masks are float tensors (B,1,H,W). Eval tasks are fixed masks (centre inpainting, outpainting);
+training uses random patch masks with the same number of missing patches for every sample of a batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from i2i_unlearning.errors import ConfigError
+
+
+def _square(size: int, side: int, inside: float) -> torch.Tensor:
+    """(1,1,size,size) mask equal to `inside` on a centred square of `side` pixels, 1-inside elsewhere."""
+    mask = torch.full((1, 1, size, size), 1.0 - inside)
+    start = (size - side) // 2
+    mask[..., start : start + side, start : start + side] = inside
+    return mask
+
+
+def _check_frac(name: str, frac: float) -> None:
+    if not 0.0 < frac < 1.0:
+        raise ConfigError(f"{name}={frac}: use a fraction of the image side strictly between 0 and 1")
+
+
+def center_mask(size: int, hole_frac: float) -> torch.Tensor:
+    """Inpainting mask (1,1,size,size): a centred square hole of side round(size*hole_frac)."""
+    _check_frac("hole_frac", hole_frac)
+    return _square(size, round(size * hole_frac), inside=1.0)
+
+
+def outpaint_mask(size: int, keep_frac: float) -> torch.Tensor:
+    """Outpainting mask (1,1,size,size): everything missing except a centred square of side round(size*keep_frac)."""
+    _check_frac("keep_frac", keep_frac)
+    return _square(size, round(size * keep_frac), inside=0.0)
+
+
+EVAL_TASKS: dict[str, Callable[[int], torch.Tensor]] = {
+    "center_half": lambda size: center_mask(size, 0.5),
+    "center_quarter": lambda size: center_mask(size, 0.25),
+    "outpaint_half": lambda size: outpaint_mask(size, 0.5),
+}
+
+
+def eval_mask(task: str, size: int, patch: int = 1) -> torch.Tensor:
+    """The fixed (1,1,size,size) mask of an eval task, checked to be aligned to `patch`-pixel patches."""
+    if task not in EVAL_TASKS:
+        raise ConfigError(f"unknown eval task {task!r}; use one of {sorted(EVAL_TASKS)}")
+    if patch < 1 or size % patch:
+        raise ConfigError(
+            f"eval task {task!r}: image size {size} is not a multiple of the patch size {patch}"
+        )
+    mask = EVAL_TASKS[task](size)
+    patches = mask.unfold(2, patch, patch).unfold(3, patch, patch)
+    if not torch.all(patches.amax(dim=(-1, -2)) == patches.amin(dim=(-1, -2))):
+        raise ConfigError(
+            f"eval task {task!r}: its hole at image size {size} is not aligned to {patch}-pixel patches; "
+            "choose an image size whose half and quarter are multiples of the patch (e.g. 32 with patch 4)"
+        )
+    return mask
+
+
+def random_patch_mask(
+    batch: int,
+    size: int,
+    patch: int,
+    ratio_range: tuple[float, float] = (0.5, 0.9),
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Random patch-aligned masks (batch,1,size,size) with the same number of missing patches per sample.
+
+    One ratio is drawn uniformly in ratio_range for the whole batch, then each sample masks
+    round(ratio * num_patches) patches chosen at random (MAE needs equal visible counts per batch).
+    """
+    low, high = ratio_range
+    if not 0.0 <= low <= high <= 1.0:
+        raise ConfigError(f"mask ratio range {tuple(ratio_range)}: use 0 <= low <= high <= 1")
+    if patch < 1 or size % patch:
+        raise ConfigError(f"image size {size} is not a multiple of the patch size {patch}")
+    side = size // patch
+    num_patches = side * side
+    ratio = low + (high - low) * torch.rand((), generator=generator).item()
+    missing = round(ratio * num_patches)
+    order = torch.rand(batch, num_patches, generator=generator).argsort(dim=1)
+    flat = torch.zeros(batch, num_patches)
+    flat.scatter_(1, order[:, :missing], 1.0)
+    grid = flat.view(batch, 1, side, side)
+    return grid.repeat_interleave(patch, dim=2).repeat_interleave(patch, dim=3)
+
+
+def random_box_mask(
+    batch: int,
+    size: int,
+    patch: int,
+    ratio_range: tuple[float, float] = (0.1, 0.5),
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Random patch-aligned rectangular holes (batch,1,size,size), one per sample, area in ratio_range."""
+    low, high = ratio_range
+    if not 0.0 < low <= high <= 1.0:
+        raise ConfigError(f"box ratio range {tuple(ratio_range)}: use 0 < low <= high <= 1")
+    if patch < 1 or size % patch:
+        raise ConfigError(f"image size {size} is not a multiple of the patch size {patch}")
+    side = size // patch
+    masks = torch.zeros(batch, 1, size, size)
+    for i in range(batch):
+        area = (low + (high - low) * torch.rand((), generator=generator).item()) * side * side
+        aspect = torch.empty(()).uniform_(0.5, 2.0, generator=generator).item()
+        h = min(side, max(1, round((area * aspect) ** 0.5)))
+        w = min(side, max(1, round(area / h)))
+        top = int(torch.randint(0, side - h + 1, (), generator=generator))
+        left = int(torch.randint(0, side - w + 1, (), generator=generator))
+        masks[i, :, top * patch : (top + h) * patch, left * patch : (left + w) * patch] = 1.0
+    return masks
+
+
+def noise_image(
+    images: torch.Tensor, kind: str = "normal", generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """A noise image per input image, same shape, values in [0,1].
+
+    "normal": each pixel ~ N(mean, std^2) with the scalar mean/std of the whole batch, clipped to [0,1];
+    "uniform": U[0,1]; "constant": a flat image at the batch mean. A generator must live on images' device.
+    """
+    if kind == "normal":
+        mean = images.mean()
+        std = images.std() if images.numel() > 1 else images.new_zeros(())
+        noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+        return (noise * std + mean).clamp(0.0, 1.0)
+    if kind == "uniform":
+        return torch.rand(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+    if kind == "constant":
+        return torch.full_like(images, images.mean().item())
+    raise ConfigError(f"unknown noise kind {kind!r}; use one of ['constant', 'normal', 'uniform']")
+
+
+def fill(
+    image: torch.Tensor, mask: torch.Tensor, how: str = "grey", generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The degraded input T(x): known pixels kept, missing ones (mask 1) set to grey 0.5, noise or zero."""
+    if how == "grey":
+        filler = torch.full_like(image, 0.5)
+    elif how == "noise":
+        filler = noise_image(image, "normal", generator)
+    elif how == "zero":
+        filler = torch.zeros_like(image)
+    else:
+        raise ConfigError(f"unknown fill {how!r}; use one of ['grey', 'noise', 'zero']")
+    mask = mask.to(device=image.device, dtype=image.dtype)
+    return image * (1.0 - mask) + filler * mask

@@ -1,0 +1,254 @@
+"""Split a source's classes into forget / retain / proxy x train / eval and write them as shards + manifest.
+
+The data dir is named by a hash of every setting that changes its content, written beside its final
+place and moved there atomically, so it is built once, reused by every run, and never left half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from i2i_unlearning.data.shards import write_shards
+from i2i_unlearning.data.sources import ImageSource
+from i2i_unlearning.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+ROLES = ("forget", "retain", "proxy")
+SPLIT_NAMES = tuple(f"{role}_{part}" for role in ROLES for part in ("train", "eval"))
+_SOURCE_SPLIT = {"train": "train", "eval": "test"}
+
+
+def load_manifest(data_dir: str | Path) -> dict:
+    """Read `data_dir/manifest.json`; DataError if it is missing or unreadable."""
+    path = Path(data_dir) / "manifest.json"
+    if not path.is_file():
+        raise DataError(
+            f"{path} is missing: {data_dir} is not a prepared data dir. Run prepare to build it "
+            "(if the dir is left over from an interrupted run, delete it first)"
+        )
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path} is unreadable ({exc}); delete {data_dir} and re-run prepare") from exc
+
+
+def _as_names(value: Sequence[str] | str | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else [str(v) for v in value]
+
+
+def _resolve_classes(
+    source: ImageSource, forget: Sequence[str], retain: Sequence[str], proxy: Sequence[str] | None
+) -> dict[str, list[str]]:
+    """Validate the class lists and return them in the source's class order; proxy None = the rest."""
+    valid = list(source.class_names)
+    lists = {"forget": _as_names(forget), "retain": _as_names(retain)}
+    if proxy is not None:
+        lists["proxy"] = _as_names(proxy)
+    for role, names in lists.items():
+        unknown = [n for n in names if n not in valid]
+        if unknown:
+            raise ConfigError(
+                f"unknown class {unknown} in {role}_classes of {source.name}; valid names: {valid}"
+            )
+    for role in ("forget", "retain"):
+        if not lists[role]:
+            raise ConfigError(f"{role}_classes is empty; name at least one class of {source.name}: {valid}")
+    overlap = set(lists["forget"]) & set(lists["retain"])
+    if overlap:
+        raise ConfigError(
+            f"forget_classes and retain_classes overlap in {sorted(overlap, key=valid.index)}; "
+            "a class is either forgotten or retained, never both"
+        )
+    if proxy is None:
+        lists["proxy"] = [n for n in valid if n not in lists["forget"] and n not in lists["retain"]]
+    overlap = set(lists["proxy"]) & (set(lists["forget"]) | set(lists["retain"]))
+    if overlap:
+        raise ConfigError(
+            f"proxy_classes overlap the forget or retain classes in {sorted(overlap, key=valid.index)}; "
+            "proxy classes must be neither forgotten nor retained"
+        )
+    return {role: [n for n in valid if n in set(names)] for role, names in lists.items()}
+
+
+def _check_sizes(
+    source: ImageSource,
+    image_size: int,
+    train_per_class: int | None,
+    eval_per_class: int | None,
+    shard_size: int,
+    seed: int,
+) -> None:
+    if image_size < source.image_size:
+        raise ConfigError(
+            f"image_size={image_size} is smaller than the {source.image_size}-pixel images of {source.name}; "
+            f"use image_size >= {source.image_size} (images are zero-padded, never cropped)"
+        )
+    for name, cap in (("train_per_class", train_per_class), ("eval_per_class", eval_per_class)):
+        if cap is not None and cap < 1:
+            raise ConfigError(f"{name}={cap}: use a positive number of images per class, or null for all")
+    if shard_size < 1:
+        raise ConfigError(f"shard_size={shard_size}: use a positive number of samples per shard")
+    if seed < 0:
+        raise ConfigError(f"seed={seed}: use a non-negative integer seed")
+
+
+def _pad(images: np.ndarray, size: int) -> np.ndarray:
+    """Zero-pad (N,H,W[,C]) images, centred, to (N,size,size[,C])."""
+    h, w = images.shape[1:3]
+    if h > size or w > size:
+        raise ConfigError(
+            f"image_size={size} is smaller than the source's {h}x{w} images; use image_size >= {max(h, w)}"
+        )
+    out = np.zeros((len(images), size, size, *images.shape[3:]), dtype=np.uint8)
+    top, left = (size - h) // 2, (size - w) // 2
+    out[:, top : top + h, left : left + w] = images
+    return out
+
+
+def _select(
+    labels: np.ndarray, classes: list[int], cap: int | None, seed: int, split_index: int
+) -> np.ndarray:
+    """Indices of the chosen classes, each capped to `cap` by a seeded draw, in a seeded random order."""
+    chosen = []
+    for c in classes:
+        idx = np.flatnonzero(labels == c)
+        if cap is not None and cap < len(idx):
+            idx = np.sort(np.random.default_rng([seed, split_index, c]).choice(idx, cap, replace=False))
+        chosen.append(idx)
+    indices = np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
+    return np.random.default_rng([seed, split_index]).permutation(indices)
+
+
+def config_hash(config: dict) -> str:
+    """First 12 hex digits of the sha256 of a canonical JSON of `config`."""
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def _is_current(data_dir: Path, hash12: str) -> bool:
+    try:
+        return load_manifest(data_dir).get("config_hash") == hash12
+    except DataError:
+        return False
+
+
+def prepare(
+    source: ImageSource,
+    out_root: str | Path,
+    forget_classes: list[str],
+    retain_classes: list[str],
+    proxy_classes: list[str] | None = None,
+    image_size: int = 32,
+    train_per_class: int | None = None,
+    eval_per_class: int | None = None,
+    shard_size: int = 2000,
+    seed: int = 0,
+) -> Path:
+    """Build (or reuse) the data dir `out_root/{source.name}-{hash12}` and return its path.
+
+    Train splits come from the source's train split and eval splits from its test split, capped per
+    class by a seeded draw and zero-padded to image_size. Shard labels are the source's class indices.
+    Everything is validated before any image is loaded.
+    """
+    classes = _resolve_classes(source, forget_classes, retain_classes, proxy_classes)
+    _check_sizes(source, image_size, train_per_class, eval_per_class, shard_size, seed)
+    config = {
+        "format": FORMAT_VERSION,
+        "source": {"name": source.name, **source.settings()},
+        "classes": classes,
+        "image_size": image_size,
+        "train_per_class": train_per_class,
+        "eval_per_class": eval_per_class,
+        "shard_size": shard_size,
+        "seed": seed,
+    }
+    hash12 = config_hash(config)
+    out_root = Path(out_root)
+    data_dir = out_root / f"{source.name}-{hash12}"
+    if data_dir.exists():
+        if _is_current(data_dir, hash12):
+            log.info("reusing prepared data %s", data_dir)
+            return data_dir
+        raise DataError(
+            f"{data_dir} exists but its manifest.json is missing or belongs to other settings; "
+            "delete that dir and re-run prepare"
+        )
+
+    out_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}.tmp-", dir=out_root))
+    try:
+        manifest = _build(source, tmp, classes, image_size, train_per_class, eval_per_class, shard_size, seed)
+        manifest["config_hash"] = hash12
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        try:
+            os.replace(tmp, data_dir)
+        except OSError:
+            if not _is_current(data_dir, hash12):
+                raise
+            log.info("reusing prepared data %s (built concurrently by another process)", data_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("prepared data %s", data_dir)
+    return data_dir
+
+
+def _build(
+    source: ImageSource,
+    out_dir: Path,
+    classes: dict[str, list[str]],
+    image_size: int,
+    train_per_class: int | None,
+    eval_per_class: int | None,
+    shard_size: int,
+    seed: int,
+) -> dict:
+    """Load the source, write every split's shards into out_dir and return the manifest (without hash)."""
+    names = list(source.class_names)
+    splits = {}
+    for source_split in ("train", "test"):
+        images, labels = source.load(source_split)
+        part = "train" if source_split == "train" else "eval"
+        cap = train_per_class if part == "train" else eval_per_class
+        for role in ROLES:
+            split = f"{role}_{part}"
+            indices = _select(
+                labels, [names.index(n) for n in classes[role]], cap, seed, SPLIT_NAMES.index(split)
+            )
+            split_labels = labels[indices]
+            shards = write_shards(
+                out_dir,
+                split,
+                _pad(images[indices], image_size),
+                split_labels,
+                shard_size,
+                keys=indices.tolist(),
+            )
+            splits[split] = {
+                "count": int(len(indices)),
+                "classes": {n: int(np.sum(split_labels == names.index(n))) for n in classes[role]},
+                "shards": shards,
+            }
+    return {
+        "dataset": source.name,
+        "class_names": names,
+        "channels": source.channels,
+        "image_size": image_size,
+        "forget_classes": classes["forget"],
+        "retain_classes": classes["retain"],
+        "proxy_classes": classes["proxy"],
+        "splits": {split: splits[split] for split in SPLIT_NAMES},
+        "seed": seed,
+    }

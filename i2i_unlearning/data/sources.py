@@ -1,0 +1,167 @@
+"""Image sources: labelled image arrays (train / test) that `prepare` splits into forget / retain / proxy."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+
+from i2i_unlearning.errors import ConfigError, DataError
+
+SPLITS = ("train", "test")
+
+
+class ImageSource:
+    """A labelled image data set with a train and a test split.
+
+    Subclasses set `name`, `class_names`, `channels` and `image_size` (the native side in pixels) and
+    implement `load`. `settings()` returns what, besides the name, changes the images (never a path),
+    so that prepared data dirs are keyed by content rather than by location.
+    """
+
+    name: str = ""
+    class_names: list[str] = []
+    channels: int = 1
+    image_size: int = 0
+
+    def load(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """Return (images uint8 (N,H,W) or (N,H,W,C), labels int64 (N,)) of split "train" or "test"."""
+        raise NotImplementedError
+
+    def settings(self) -> dict:
+        """Root-independent settings that change the images; part of the prepared data's config hash."""
+        return {}
+
+    def _check_split(self, split: str) -> None:
+        if split not in SPLITS:
+            raise ConfigError(f"{self.name}: unknown split {split!r}; use one of {list(SPLITS)}")
+
+
+class FashionMNISTSource(ImageSource):
+    """Fashion-MNIST (60k train + 10k test, 28x28 grey) read from the four idx .gz files."""
+
+    name = "fashion_mnist"
+    class_names = [
+        "t_shirt_top",
+        "trouser",
+        "pullover",
+        "dress",
+        "coat",
+        "sandal",
+        "shirt",
+        "sneaker",
+        "bag",
+        "ankle_boot",
+    ]
+    channels = 1
+    image_size = 28
+    _PREFIX = {"train": "train", "test": "t10k"}
+
+    def __init__(self, root: str = "/usr/share/datasets/fashion-mnist"):
+        self.root = Path(root)
+
+    def load(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """Read the split's images (N,28,28) and labels (N,) from `root`."""
+        self._check_split(split)
+        prefix = self._PREFIX[split]
+        images = _read_idx(self._file(f"{prefix}-images-idx3-ubyte.gz"), ndim=3)
+        labels = _read_idx(self._file(f"{prefix}-labels-idx1-ubyte.gz"), ndim=1).astype(np.int64)
+        if len(images) != len(labels):
+            raise DataError(
+                f"Fashion-MNIST {split}: {len(images)} images but {len(labels)} labels in {self.root}; "
+                "the files are inconsistent, download them again"
+            )
+        return images, labels
+
+    def _file(self, filename: str) -> Path:
+        path = self.root / filename
+        if not path.is_file():
+            raise DataError(
+                f"Fashion-MNIST file {path} is missing. Install it with `apt-get install dataset-fashion-mnist` "
+                "(Debian), or download the four Fashion-MNIST idx .gz files into a folder and set "
+                "data.source.root=/that/folder"
+            )
+        return path
+
+
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """Parse a gzip'd idx file of unsigned bytes (the MNIST format) into an array of `ndim` dimensions."""
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"cannot read {path} ({exc}); the file is corrupt, download it again") from exc
+    header = 4 + 4 * ndim
+    if len(raw) < header or raw[:3] != b"\x00\x00\x08" or raw[3] != ndim:
+        raise DataError(f"{path} is not an idx file of {ndim}-d unsigned bytes; download it again")
+    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    if len(raw) - header != int(np.prod(shape)):
+        raise DataError(
+            f"{path} holds {len(raw) - header} bytes of data, expected shape {shape}; download it again"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy()
+
+
+class SyntheticSource(ImageSource):
+    """Tiny generated data set for tests and smoke runs: one stripe orientation and period per class.
+
+    Each image is a sinusoidal grating whose angle and period depend on the class, with a random phase,
+    contrast and pixel noise, so classes are easy to separate yet no two images are equal.
+    """
+
+    name = "synthetic"
+
+    def __init__(
+        self,
+        num_classes: int = 4,
+        per_class_train: int = 40,
+        per_class_test: int = 10,
+        size: int = 28,
+        seed: int = 0,
+        channels: int = 1,
+    ):
+        if num_classes < 1 or per_class_train < 1 or per_class_test < 1 or size < 4:
+            raise ConfigError(
+                f"SyntheticSource(num_classes={num_classes}, per_class_train={per_class_train}, "
+                f"per_class_test={per_class_test}, size={size}): all counts must be >= 1 and size >= 4"
+            )
+        if channels not in (1, 3):
+            raise ConfigError(f"SyntheticSource(channels={channels}): use 1 (grey) or 3 (RGB)")
+        self.num_classes = num_classes
+        self.per_class = {"train": per_class_train, "test": per_class_test}
+        self.seed = seed
+        self.channels = channels
+        self.image_size = size
+        self.class_names = [f"class_{i}" for i in range(num_classes)]
+
+    def settings(self) -> dict:
+        """All constructor arguments: they define the images."""
+        return {
+            "num_classes": self.num_classes,
+            "per_class_train": self.per_class["train"],
+            "per_class_test": self.per_class["test"],
+            "size": self.image_size,
+            "seed": self.seed,
+            "channels": self.channels,
+        }
+
+    def load(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """Generate the split (deterministic in `seed`; train and test differ)."""
+        self._check_split(split)
+        rng = np.random.default_rng([self.seed, SPLITS.index(split)])
+        n = self.per_class[split] * self.num_classes
+        labels = np.tile(np.arange(self.num_classes, dtype=np.int64), self.per_class[split])
+        size = self.image_size
+        y, x = np.mgrid[0:size, 0:size].astype(np.float64)
+        angle = np.pi * labels / self.num_classes
+        period = 4.0 + 2.0 * (labels % 3)
+        phase = rng.uniform(0, 2 * np.pi, n)
+        contrast = rng.uniform(0.6, 1.0, n)
+        proj = x[None] * np.cos(angle)[:, None, None] + y[None] * np.sin(angle)[:, None, None]
+        wave = np.sin(2 * np.pi * proj / period[:, None, None] + phase[:, None, None])
+        images = 0.5 + 0.45 * contrast[:, None, None] * wave + rng.normal(0.0, 0.05, (n, size, size))
+        if self.channels == 3:
+            tint = 0.6 + 0.4 * np.stack([np.cos(labels + k) ** 2 for k in range(3)], axis=-1)
+            images = images[..., None] * tint[:, None, None, :]
+        return (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8), labels

@@ -1,0 +1,100 @@
+"""The generator-family interface every unlearning method is written against.
+
+A family is an image-to-image model split into an encoder and a decoder. It is a
+LightningModule trained on the I2I task (this is how the original and retrain models
+are made) and it exposes the hooks the methods need:
+
+* ``encoder_parameter_names()`` -- which parameters the encoder owns;
+* ``embed(image, mask)``        -- the encoder's embedding(s) of the degraded image;
+* ``target_of(image)``          -- the task's ground-truth target for an image;
+* ``predict(image, mask)``      -- the model's prediction, in the same space as the target;
+* ``task_loss(image, mask, target=None)`` -- its own training loss, optionally against a
+  substituted target (a ``target_of`` or ``predict`` output of other images);
+* ``restore(image, mask)``      -- the generated output image, known pixels kept.
+
+Masks are float tensors (B,1,H,W) with 1 = missing pixel (to be generated), 0 = known.
+Images are float tensors (B,C,H,W) in [0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+Embedding = Tensor | list[Tensor]
+
+
+class Family(L.LightningModule):
+    """Base class of generator families; subclasses implement the hooks below."""
+
+    family_name: str = "family"
+    mask_patch: int = 1  # masks are drawn on a grid of this many pixels (MAE: its patch size)
+
+    def __init__(self, image_size: int, channels: int, train: dict | None = None):
+        super().__init__()
+        self.image_size = image_size
+        self.channels = channels
+        self.train_cfg = dict(train or {})
+
+    # ---- the contract -------------------------------------------------------------
+    def encoder_parameter_names(self) -> set[str]:
+        """Names (as in ``named_parameters``) of the parameters that form the encoder."""
+        raise NotImplementedError
+
+    def embed(self, image: Tensor, mask: Tensor) -> Embedding:
+        """Encoder embedding(s) of the degraded image T(image); may be a list of tensors."""
+        raise NotImplementedError
+
+    def target_of(self, image: Tensor) -> Tensor:
+        """The task's ground-truth target for ``image`` (pixels by default)."""
+        return image
+
+    def predict(self, image: Tensor, mask: Tensor) -> Tensor:
+        """The model's raw prediction for T(image), in the space of ``target_of``."""
+        raise NotImplementedError
+
+    def task_loss(self, image: Tensor, mask: Tensor, target: Tensor | None = None) -> Tensor:
+        """The family's own training loss on T(image); ``target`` replaces ``target_of(image)``."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def restore(self, image: Tensor, mask: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Generate the missing pixels of T(image); known pixels are kept."""
+        raise NotImplementedError
+
+    # ---- derived helpers ------------------------------------------------------------
+    def encoder_parameters(self) -> Iterator[nn.Parameter]:
+        names = self.encoder_parameter_names()
+        return (p for n, p in self.named_parameters() if n in names)
+
+    def decoder_parameters(self) -> Iterator[nn.Parameter]:
+        names = self.encoder_parameter_names()
+        return (p for n, p in self.named_parameters() if n not in names)
+
+    # ---- training as the original / retrain model -----------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        b = batch["train"]
+        loss = self.task_loss(b["image"], b["mask"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=b["image"].shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        cfg = self.train_cfg
+        opt = torch.optim.AdamW(
+            self.parameters(), lr=cfg.get("lr", 1e-3), weight_decay=cfg.get("weight_decay", 0.05),
+            betas=(0.9, 0.95),
+        )
+        total = max(1, int(cfg.get("steps", 1)))
+        warmup = min(int(cfg.get("warmup_steps", 0)), total - 1)
+
+        def schedule(step: int) -> float:  # linear warm-up, then half-cosine to zero
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,154 @@
+"""Masked autoencoder (MAE) family on timm ViT blocks.
+
+The encoder sees only the visible patches (plus a [CLS] token); a light decoder puts
+mask tokens at the missing positions and reconstructs their pixels. A patch counts as
+missing when any of its pixels is missing, so eval holes must be patch-aligned.
+
+Presets (conf/model/mae.yaml is ``tiny``; conf/experiment/mae_paper.yaml is ``paper``):
+  tiny  -- 32 px, patch 4, encoder 4 x 128 (4 heads), decoder 2 x 64 (2 heads);
+  paper -- 224 px RGB, patch 16, ViT-L/16 encoder 24 x 1024 (16 heads), decoder 8 x 512.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import PatchEmbed, build_sincos2d_pos_embed
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from .base import Family
+
+ENCODER_PREFIXES = ("patch_embed.", "cls_token", "blocks.", "norm.")
+
+
+class MAE(Family):
+    """ViT masked autoencoder: encoder over visible patches, light decoder over all."""
+
+    family_name = "mae"
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        channels: int = 1,
+        patch_size: int = 4,
+        embed_dim: int = 128,
+        depth: int = 4,
+        num_heads: int = 4,
+        decoder_dim: int = 64,
+        decoder_depth: int = 2,
+        decoder_heads: int = 2,
+        mlp_ratio: float = 4.0,
+        train: dict | None = None,
+        name: str = "mae",
+    ):
+        super().__init__(image_size, channels, train)
+        if image_size % patch_size:
+            raise ConfigError(
+                f"model.image_size={image_size} is not divisible by model.patch_size={patch_size}; "
+                "pick sizes whose ratio is an integer (e.g. 32 and 4)"
+            )
+        if embed_dim % num_heads or decoder_dim % decoder_heads:
+            raise ConfigError(
+                f"embedding widths ({embed_dim}, {decoder_dim}) must be divisible by their head counts "
+                f"({num_heads}, {decoder_heads})"
+            )
+        self.save_hyperparameters()
+        self.patch_size = self.mask_patch = patch_size
+        grid = image_size // patch_size
+        self.num_patches = grid * grid
+
+        self.patch_embed = PatchEmbed(image_size, patch_size, channels, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.register_buffer("pos_embed", build_sincos2d_pos_embed([grid, grid], embed_dim)[None], persistent=False)
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth))
+        self.norm = nn.LayerNorm(embed_dim)
+
+        self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.register_buffer(
+            "decoder_pos_embed", build_sincos2d_pos_embed([grid, grid], decoder_dim)[None], persistent=False
+        )
+        self.decoder_blocks = nn.ModuleList(
+            Block(decoder_dim, decoder_heads, mlp_ratio, qkv_bias=True) for _ in range(decoder_depth)
+        )
+        self.decoder_norm = nn.LayerNorm(decoder_dim)
+        self.decoder_pred = nn.Linear(decoder_dim, patch_size * patch_size * channels)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    # ---- masks -------------------------------------------------------------------------
+    def patch_missing(self, mask: Tensor) -> Tensor:
+        """(B,1,H,W) pixel mask -> (B,L) bool, True where a patch has any missing pixel."""
+        return F.max_pool2d(mask, self.patch_size).flatten(1) > 0
+
+    def _visible_ids(self, mask: Tensor) -> Tensor:
+        missing = self.patch_missing(mask)
+        visible = (~missing).sum(1)
+        if not torch.all(visible == visible[0]):
+            raise ConfigError(
+                "MAE needs the same number of visible patches in every image of a batch; got "
+                f"{sorted(set(visible.tolist()))}. Use patch-aligned masks with equal counts "
+                "(data.degrade.random_patch_mask or a fixed eval mask)."
+            )
+        if visible[0] == 0:
+            raise ConfigError("the mask hides every patch; the MAE encoder needs at least one visible patch")
+        order = torch.argsort(missing.to(torch.int8), dim=1, stable=True)
+        return order[:, : int(visible[0])]
+
+    # ---- encoder / decoder -------------------------------------------------------------
+    def encoder_parameter_names(self) -> set[str]:
+        return {n for n, _ in self.named_parameters() if n.startswith(ENCODER_PREFIXES)}
+
+    def _encode(self, image: Tensor, ids_keep: Tensor) -> Tensor:
+        x = self.patch_embed(image) + self.pos_embed
+        x = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def _decode(self, latent: Tensor, ids_keep: Tensor) -> Tensor:
+        x = self.decoder_embed(latent)
+        b, d = x.shape[0], x.shape[-1]
+        full = self.mask_token.expand(b, self.num_patches, d).clone()
+        full.scatter_(1, ids_keep[..., None].expand(-1, -1, d), x[:, 1:])
+        x = torch.cat([x[:, :1], full + self.decoder_pos_embed], dim=1)
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.unpatchify(self.decoder_pred(self.decoder_norm(x))[:, 1:])
+
+    def unpatchify(self, patches: Tensor) -> Tensor:
+        """(B, L, p*p*C) -> (B, C, H, W)."""
+        p, g, c = self.patch_size, self.image_size // self.patch_size, self.channels
+        x = patches.reshape(-1, g, g, p, p, c)
+        return torch.einsum("bhwpqc->bchpwq", x).reshape(-1, c, g * p, g * p)
+
+    # ---- the family contract -----------------------------------------------------------
+    def embed(self, image: Tensor, mask: Tensor) -> Tensor:
+        return self._encode(image, self._visible_ids(mask))
+
+    def predict(self, image: Tensor, mask: Tensor) -> Tensor:
+        ids_keep = self._visible_ids(mask)
+        return self._decode(self._encode(image, ids_keep), ids_keep)
+
+    def task_loss(self, image: Tensor, mask: Tensor, target: Tensor | None = None) -> Tensor:
+        target = self.target_of(image) if target is None else target
+        err = (self.predict(image, mask) - target) ** 2
+        missing = F.max_pool2d(mask, self.patch_size)  # (B,1,g,g): loss on missing patches only
+        per_patch = F.avg_pool2d(err.mean(1, keepdim=True), self.patch_size)
+        return (per_patch * missing).sum() / missing.sum().clamp_min(1)
+
+    @torch.no_grad()
+    def restore(self, image: Tensor, mask: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        out = self.predict(image, mask).clamp(0, 1)
+        return image * (1 - mask) + out * mask

@@ -1,0 +1,219 @@
+"""Feature networks for FID / IS / cosine / class accuracy.
+
+The paper scores with Inception (FID, IS) and OpenCLIP (cosine). Here the default
+feature network is a small classifier trained once on the data set itself, so the
+metrics work offline on 32 px grey or colour images. Any other feature network
+(Inception, CLIP with local weights) plugs in by satisfying `FeatureModel`: the
+scorer in `evaluate.py` only uses that protocol.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from i2i_unlearning.errors import ConfigError, DataError
+
+Batches = Callable[[], Iterable[tuple[Tensor, Tensor]]]
+
+
+@runtime_checkable
+class FeatureModel(Protocol):
+    """What a feature network offers the scorer: its input format and, in one pass, embedding and logits."""
+
+    embed_dim: int
+    in_channels: int
+    image_size: int
+
+    def embed_with_logits(self, x: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
+def _block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+    )
+
+
+class FeatureNet(nn.Module):
+    """Small CNN classifier for (B, C, S, S) images in [0, 1]; its penultimate layer is the embedding."""
+
+    def __init__(
+        self, channels: int = 1, num_classes: int = 10, image_size: int = 32, embed_dim: int = 128
+    ) -> None:
+        super().__init__()
+        if channels < 1 or num_classes < 2 or image_size < 8 or embed_dim < 1:
+            raise ConfigError(
+                f"FeatureNet(channels={channels}, num_classes={num_classes}, image_size={image_size}, "
+                f"embed_dim={embed_dim}): need channels >= 1, num_classes >= 2, image_size >= 8, embed_dim >= 1"
+            )
+        self.in_channels = channels
+        self.num_classes = num_classes
+        self.image_size = image_size
+        self.embed_dim = embed_dim
+        self.trunk = nn.Sequential(_block(channels, 32), _block(32, 64), _block(64, 128))
+        self.embedding = nn.Sequential(nn.Linear(128, embed_dim), nn.ReLU(inplace=True))
+        self.head = nn.Linear(embed_dim, num_classes)
+
+    def embed(self, x: Tensor) -> Tensor:
+        """(B, C, S, S) in [0, 1] -> (B, embed_dim) penultimate features."""
+        h = self.trunk(x * 2.0 - 1.0)
+        return self.embedding(h.mean(dim=(2, 3)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, S, S) in [0, 1] -> (B, num_classes) logits."""
+        return self.head(self.embed(x))
+
+    def embed_with_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Embedding and logits from a single pass (what the scorer needs per batch)."""
+        e = self.embed(x)
+        return e, self.head(e)
+
+
+def _shift(x: Tensor, generator: torch.Generator, max_shift: int = 2) -> Tensor:
+    """Random translation by up to `max_shift` pixels (replicate padding), one offset per batch."""
+    dy, dx = (int(v) for v in torch.randint(-max_shift, max_shift + 1, (2,), generator=generator))
+    padded = F.pad(x, (max_shift,) * 4, mode="replicate")
+    h, w = x.shape[-2:]
+    return padded[..., max_shift + dy : max_shift + dy + h, max_shift + dx : max_shift + dx + w]
+
+
+def _check_batch(x: Tensor, y: Tensor, channels: int, num_classes: int) -> None:
+    if x.dim() != 4 or x.shape[1] != channels or y.shape != (x.shape[0],):
+        raise DataError(
+            f"feature-net batch has images {tuple(x.shape)} and labels {tuple(y.shape)}; "
+            f"expected (B, {channels}, H, W) float images and (B,) int64 labels"
+        )
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise DataError(
+            f"feature-net labels span [{int(y.min())}, {int(y.max())}] but num_classes={num_classes}; "
+            "pass the data set's class count"
+        )
+
+
+@torch.no_grad()
+def accuracy(net: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> float:
+    """Share of images whose argmax logit equals the label (net put in eval mode)."""
+    net.eval()
+    device = next(net.parameters()).device
+    correct = total = 0
+    for x, y in batches:
+        pred = net(x.to(device)).argmax(dim=1).cpu()
+        correct += int((pred == y).sum())
+        total += int(y.numel())
+    if total == 0:
+        raise DataError("accuracy: the batches hold no images; check the test split")
+    return correct / total
+
+
+def train_feature_net(
+    train_batches: Batches,
+    test_batches: Batches,
+    channels: int,
+    num_classes: int,
+    image_size: int,
+    epochs: int = 3,
+    lr: float = 2e-3,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> tuple[FeatureNet, float]:
+    """Train a FeatureNet with Adam and light shift augmentation; return it on CPU in eval mode + its test accuracy.
+
+    Seeded (initialisation, augmentation) without touching the global RNG; the batch order is the caller's.
+    """
+    if epochs < 1 or lr <= 0:
+        raise ConfigError(f"train_feature_net(epochs={epochs}, lr={lr}): need epochs >= 1 and lr > 0")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = FeatureNet(channels, num_classes, image_size).to(device)
+        gen = torch.Generator().manual_seed(seed)
+        opt = torch.optim.Adam(net.parameters(), lr=lr)
+        for epoch in range(epochs):
+            net.train()
+            seen = 0
+            bar = tqdm(
+                train_batches(), desc=f"feature net epoch {epoch + 1}/{epochs}", disable=None, leave=False
+            )
+            for x, y in bar:
+                _check_batch(x, y, channels, num_classes)
+                loss = F.cross_entropy(net(_shift(x.float(), gen).to(device)), y.to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                seen += int(y.numel())
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            if seen == 0:
+                raise DataError("train_feature_net: train_batches() yielded no images; check the train split")
+    test_acc = accuracy(net, test_batches())
+    return net.cpu().eval(), test_acc
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_or_train_feature_net(cache_dir: Path, key: str, **train_kwargs) -> tuple[FeatureNet, dict]:
+    """Load `cache_dir/feature_net-{key}.pt` (+ its .json) or train one with `train_feature_net` and cache it.
+
+    `key` must name the data set and anything else that changes the net (e.g. "fashion_mnist-c1-s32").
+    """
+    if not re.fullmatch(r"[A-Za-z0-9._=-]+", key):
+        raise ConfigError(f"feature-net cache key {key!r}: use only letters, digits and . _ = -")
+    cache_dir = Path(cache_dir)
+    weights = cache_dir / f"feature_net-{key}.pt"
+    meta_path = weights.with_suffix(".json")
+    if weights.exists() and meta_path.exists():
+        try:
+            meta = json.loads(meta_path.read_text())
+            net = FeatureNet(meta["channels"], meta["num_classes"], meta["image_size"])
+            net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise DataError(
+                f"cached feature net {weights} (or {meta_path.name}) is unreadable ({exc}); delete both to retrain"
+            ) from exc
+        for name in ("channels", "num_classes", "image_size"):
+            if name in train_kwargs and train_kwargs[name] != meta[name]:
+                raise ConfigError(
+                    f"cached feature net {weights} has {name}={meta[name]} but {train_kwargs[name]} was asked; "
+                    "use a cache key that names this setting, or delete the cached files"
+                )
+        return net.eval(), meta
+
+    args = inspect.signature(train_feature_net).bind(**train_kwargs)
+    args.apply_defaults()
+    start = time.perf_counter()
+    net, test_acc = train_feature_net(**args.arguments)
+    meta = {
+        "test_acc": test_acc,
+        "epochs": args.arguments["epochs"],
+        "channels": net.in_channels,
+        "num_classes": net.num_classes,
+        "image_size": net.image_size,
+        "train_s": time.perf_counter() - start,
+    }
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # The JSON is written last: a .pt without its .json is never taken for a finished cache.
+    _atomic_write(weights, lambda p: torch.save(net.state_dict(), p))
+    _atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, indent=2)))
+    return net, meta

@@ -1,0 +1,231 @@
+"""One run, stage by stage: prepare -> original / retrain (cached) -> unlearn -> evaluate.
+
+Every stage reads the composed Hydra config; expensive stages are cached under
+``paths.cache_dir`` by a hash of the config they depend on, so a sweep trains the
+original and retrain models once and every cell reuses them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from .data.datamodule import ForgetRetainDataModule
+from .data.degrade import fill
+from .data.prepare import prepare
+from .errors import ConfigError
+from .families.base import Family
+from .metrics.evaluate import SplitScorer, class_acc
+from .metrics.features import load_or_train_feature_net
+from .report.figures import save_grid
+from .runs import atomic_torch_save, atomic_write_json, atomic_write_text, stable_hash
+from .unlearning.methods import UnlearningMethod
+from .unlearning.module import UnlearnModule
+
+log = logging.getLogger("i2iu")
+TRAIN_SPLITS = ("forget_train", "retain_train", "proxy_train")
+STREAM_SPLITS = {"original": list(TRAIN_SPLITS), "retrain": ["retain_train"]}
+
+
+# ---- building blocks ----------------------------------------------------------------------
+def check_config(cfg: DictConfig) -> None:
+    """Cheap consistency checks, before any data or training work."""
+    if cfg.model.image_size != cfg.data.image_size:
+        raise ConfigError(
+            f"model.image_size={cfg.model.image_size} differs from data.image_size={cfg.data.image_size}"
+        )
+    if cfg.model.channels != cfg.data.channels:
+        raise ConfigError(f"model.channels={cfg.model.channels} differs from data.channels={cfg.data.channels}")
+    from .data.degrade import EVAL_TASKS
+
+    for task in [cfg.task, *cfg.extra_tasks]:
+        if task not in EVAL_TASKS:
+            raise ConfigError(f"task={task!r} is unknown; valid tasks: {', '.join(EVAL_TASKS)}")
+
+
+def prepare_data(cfg: DictConfig) -> Path:
+    """Shards + manifest for the configured class split (cached by its hash)."""
+    d = cfg.data
+    return prepare(
+        instantiate(d.source), Path(cfg.paths.cache_dir) / "data",
+        forget_classes=list(d.forget_classes), retain_classes=list(d.retain_classes),
+        proxy_classes=None if d.proxy_classes is None else list(d.proxy_classes),
+        image_size=d.image_size, train_per_class=d.train_per_class, eval_per_class=d.eval_per_class,
+        shard_size=d.shard_size, seed=d.get("split_seed", 0),
+    )
+
+
+def datamodule(cfg: DictConfig, data_dir: Path, streams: dict, batch_size: int, steps: int, seed: int,
+               patch: int) -> ForgetRetainDataModule:
+    return ForgetRetainDataModule(
+        data_dir, streams=streams, batch_size=batch_size, epoch_batches=steps,
+        num_workers=cfg.data.num_workers, patch=patch, mask_ratio=tuple(cfg.data.mask_ratio), seed=seed,
+    )
+
+
+def trainer(cfg: DictConfig, max_steps: int, logger=False, root: Path | None = None) -> L.Trainer:
+    """A Lightning Trainer from ``cfg.trainer`` for ``max_steps`` optimiser steps."""
+    return L.Trainer(
+        **OmegaConf.to_container(cfg.trainer, resolve=True), max_steps=max_steps, max_epochs=-1,
+        logger=logger, enable_checkpointing=False, enable_model_summary=False,
+        enable_progress_bar=sys.stderr.isatty(), default_root_dir=str(root) if root else None,
+    )
+
+
+def split_tensors(dm: ForgetRetainDataModule, splits: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images and labels of ``splits`` in memory (small data sets: feature-net training)."""
+    xs, ys = [], []
+    for s in splits:
+        for b in dm.eval_batches(s, "center_half", batch_size=1024):
+            xs.append(b["image"])
+            ys.append(b["label"])
+    return torch.cat(xs), torch.cat(ys)
+
+
+def feature_net(cfg: DictConfig, data_dir: Path, dm: ForgetRetainDataModule):
+    """The default feature network, trained once on all training classes and cached with the data."""
+    x_train, y_train = split_tensors(dm, list(TRAIN_SPLITS))
+    x_test, y_test = split_tensors(dm, ["forget_eval", "retain_eval", "proxy_eval"])
+    gen = torch.Generator().manual_seed(0)
+
+    def train_batches():
+        perm = torch.randperm(len(x_train), generator=gen)
+        for i in range(0, len(perm), 128):
+            yield x_train[perm[i:i + 128]], y_train[perm[i:i + 128]]
+
+    def test_batches():
+        for i in range(0, len(x_test), 512):
+            yield x_test[i:i + 512], y_test[i:i + 512]
+
+    fcfg = cfg.metrics.feature_net
+    return load_or_train_feature_net(
+        data_dir, key=stable_hash({"epochs": fcfg.epochs, "lr": fcfg.lr}, 8),
+        train_batches=train_batches, test_batches=test_batches, channels=dm.channels,
+        num_classes=dm.num_classes, image_size=dm.image_size, epochs=fcfg.epochs, lr=fcfg.lr, seed=0,
+    )
+
+
+def trained_model(cfg: DictConfig, data_dir: Path, kind: str) -> tuple[Family, dict]:
+    """The family trained on all classes (``original``) or on retain only (``retrain``), cached."""
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    key = stable_hash({"data": manifest["config_hash"], "model": model_cfg, "kind": kind,
+                       "precision": cfg.trainer.precision})
+    path = Path(cfg.paths.cache_dir) / "models" / f"{cfg.model.name}-{kind}-{key}.pt"
+    meta_path = path.with_suffix(".json")
+    model: Family = instantiate(cfg.model)
+    if path.exists() and meta_path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval(), json.loads(meta_path.read_text())
+    rec = cfg.model.train
+    log.info("training the %s %s model: %d steps of %d images (cached as %s)",
+             kind, cfg.model.name, rec.steps, rec.batch_size, path.name)
+    L.seed_everything(rec.seed, workers=True, verbose=False)
+    model = instantiate(cfg.model)
+    dm = datamodule(cfg, data_dir, {"train": STREAM_SPLITS[kind]}, rec.batch_size, rec.steps, rec.seed,
+                    model.mask_patch)
+    t0 = time.perf_counter()
+    tr = trainer(cfg, rec.steps, root=path.parent)
+    tr.fit(model, dm)
+    meta = {"kind": kind, "train_s": time.perf_counter() - t0, "steps": rec.steps,
+            "batch_size": rec.batch_size, "final_loss": float(tr.callback_metrics.get("train/loss", float("nan"))),
+            "splits": STREAM_SPLITS[kind]}
+    if tr.global_rank == 0:
+        atomic_torch_save(path, model.state_dict())
+        atomic_write_json(meta_path, meta)
+    return model.eval(), meta
+
+
+def unlearn(cfg: DictConfig, data_dir: Path, start: Family, method: UnlearningMethod, logger) -> tuple[Family, float]:
+    """Run ``method`` from ``start``; returns the unlearned family and the wall-clock seconds."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = UnlearnModule(start, method)
+    streams = {"retain": [method.retain_split]}
+    if method.needs_forget:
+        streams["forget"] = ["forget_train"]
+    dm = datamodule(cfg, data_dir, streams, method.batch_size, method.steps, cfg.seed, start.mask_patch)
+    t0 = time.perf_counter()
+    trainer(cfg, method.steps, logger=logger).fit(module, dm)
+    return module.student.eval(), time.perf_counter() - t0
+
+
+@torch.no_grad()
+def evaluate(cfg: DictConfig, dm: ForgetRetainDataModule, model: Family, original: Family, net) -> tuple[dict, dict, dict]:
+    """Restore the eval images of each split and score outputs against their ground truth.
+
+    Returns (metrics, floors, grid rows). Floors: class accuracy of the degraded input
+    with the hole filled grey / with noise, the level the table is read against.
+    """
+    metrics, floors, grid = {}, {}, {}
+    gen = torch.Generator().manual_seed(cfg.seed)
+    k = cfg.metrics.grid_images
+    for task in [cfg.task, *cfg.extra_tasks]:
+        prefix = "" if task == cfg.task else f"{task}_"
+        for split in ("retain", "forget"):
+            scorer = SplitScorer(net, is_splits=cfg.metrics.is_splits)
+            grey_hits = noise_hits = n = 0
+            for b in dm.eval_batches(f"{split}_eval", task, batch_size=cfg.metrics.eval_batch_size,
+                                     limit=cfg.metrics.eval_limit):
+                x, m, y = b["image"], b["mask"], b["label"]
+                out = model.restore(x, m, generator=gen)
+                scorer.update(out, x, y)
+                if not prefix:
+                    grey_hits += class_acc(net, fill(x, m, "grey"), y) * len(y)
+                    noise_hits += class_acc(net, fill(x, m, "noise"), y) * len(y)
+                    n += len(y)
+                    if f"{split}: ground truth" not in grid:
+                        grid[f"{split}: ground truth"] = x[:k]
+                        grid[f"{split}: input"] = fill(x[:k], m[:k], "grey")
+                        grid[f"{split}: original"] = original.restore(x[:k], m[:k], generator=gen)
+                        grid[f"{split}: {cfg.method.name}"] = out[:k]
+            for name, value in scorer.compute().items():
+                metrics[f"{prefix}{split}_{name}"] = float(value)
+            if not prefix:
+                floors[f"{split}_class_acc_grey"] = grey_hits / max(n, 1)
+                floors[f"{split}_class_acc_noise"] = noise_hits / max(n, 1)
+    return metrics, floors, grid
+
+
+# ---- the run ------------------------------------------------------------------------------------
+def run(cfg: DictConfig, run: Path, chash: str, logger=None) -> dict:
+    """Execute one configured run into ``run`` and return its metrics.json content."""
+    check_config(cfg)
+    method: UnlearningMethod = instantiate(cfg.method)
+    data_dir = prepare_data(cfg)
+    eval_dm = datamodule(cfg, data_dir, {"retain": ["retain_train"]}, 1, 1, cfg.seed, 1)
+    net, net_info = feature_net(cfg, data_dir, eval_dm)
+    original, original_meta = trained_model(cfg, data_dir, "original")
+    start, start_meta = (original, original_meta) if method.start_from == "original" else \
+        trained_model(cfg, data_dir, method.start_from)
+    eval_dm = datamodule(cfg, data_dir, {"retain": ["retain_train"]}, 1, 1, cfg.seed, start.mask_patch)
+
+    if method.trains:
+        log.info("unlearning: %s on %s for %d steps", method.name, cfg.model.name, method.steps)
+        model, unlearn_s = unlearn(cfg, data_dir, start, method, logger)
+    else:
+        model = start
+        unlearn_s = start_meta["train_s"] if method.start_from == "retrain" else 0.0
+
+    log.info("evaluating %s on %s", method.name, cfg.task)
+    metrics, floors, grid = evaluate(cfg, eval_dm, model, original, net)
+    save_grid(run / "grid.png", grid)
+    atomic_torch_save(run / "checkpoint.pt", model.state_dict())
+    return {
+        "family": cfg.model.name, "method": method.name, "dataset": cfg.data.name, "seed": cfg.seed,
+        "status": "ok", "error": None, "task": cfg.task, "unlearn_s": unlearn_s,
+        "metrics": metrics, "floors": floors,
+        "feature_net_test_acc": net_info.get("test_acc"),
+        "original_train_s": original_meta["train_s"], "config_hash": chash,
+    }
+
+
+def write_config(cfg: DictConfig, run: Path) -> None:
+    atomic_write_text(run / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))

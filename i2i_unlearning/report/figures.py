@@ -1,0 +1,76 @@
+"""Figures: the image grid of a run (ground truth / input / before / after, for retain and forget)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor
+from torchvision.utils import make_grid
+
+from i2i_unlearning.errors import ConfigError
+from i2i_unlearning.report._atomic import write_atomic
+
+_PAD = 2
+_MIN_TILE_PX = 96
+
+
+def _check_rows(rows: dict[str, Tensor], nrow_max: int) -> list[Tensor]:
+    if not rows or nrow_max < 1:
+        raise ConfigError(
+            f"save_grid needs at least one row and nrow_max >= 1; got {len(rows)} rows, {nrow_max=}"
+        )
+    batches = []
+    for label, batch in rows.items():
+        if batch.dim() != 4 or batch.shape[0] == 0 or batch.shape[1] not in (1, 3):
+            raise ConfigError(
+                f"grid row {label!r} has shape {tuple(batch.shape)}; expected (B>0, 1 or 3, H, W)"
+            )
+        batches.append(batch[:nrow_max].detach().float().cpu().clamp(0, 1))
+    sizes = {tuple(b.shape[-2:]) for b in batches}
+    if len(sizes) > 1:
+        raise ConfigError(
+            f"grid rows have different image sizes {sorted(sizes)}; resize them to one size first"
+        )
+    return batches
+
+
+def save_grid(path: Path, rows: dict[str, Tensor], nrow_max: int = 8) -> Path:
+    """Write one PNG: each (label -> (B, C, H, W) in [0, 1]) entry is a row of up to `nrow_max` images.
+
+    Images are upscaled (nearest) so 32 px tiles stay readable; labels are drawn left of each row
+    and also written, in order, to a sidecar `.txt` beside the PNG.
+    """
+    path = Path(path)
+    batches = _check_rows(rows, nrow_max)
+    cols = max(b.shape[0] for b in batches)
+    channels = max(b.shape[1] for b in batches)
+    tiles = []
+    for batch in batches:
+        batch = batch.expand(-1, channels, -1, -1)
+        blank = torch.ones(cols - batch.shape[0], *batch.shape[1:])
+        tiles.append(torch.cat([batch, blank]))
+    grid = make_grid(torch.cat(tiles), nrow=cols, padding=_PAD, pad_value=1.0)
+    pixels = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+    height = batches[0].shape[-2]
+    scale = max(1, math.ceil(_MIN_TILE_PX / height))
+    image = Image.fromarray(pixels, mode="RGB")
+    image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+
+    font = ImageFont.load_default(size=14)
+    labels = list(rows)
+    margin = max(int(font.getlength(label)) for label in labels) + 16
+    canvas = Image.new("RGB", (image.width + margin, image.height), "white")
+    canvas.paste(image, (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    row_px = (height + _PAD) * scale
+    for i, label in enumerate(labels):
+        centre = _PAD * scale + i * row_px + height * scale // 2
+        draw.text((8, centre), label, fill="black", font=font, anchor="lm")
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda tmp: canvas.save(tmp, format="PNG"))
+    write_atomic(path.with_suffix(".txt"), lambda tmp: tmp.write_text("\n".join(labels) + "\n"))
+    return path

@@ -1,0 +1,256 @@
+"""Every run's metrics.json below a sweep dir -> summary.csv (one row per run) and summary.md (a table to read)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from i2i_unlearning.errors import DataError
+from i2i_unlearning.report._atomic import write_atomic
+
+CORE_COLUMNS = (
+    "family",
+    "method",
+    "dataset",
+    "seed",
+    "status",
+    "retain_fid",
+    "retain_is",
+    "retain_cos",
+    "forget_fid",
+    "forget_is",
+    "forget_cos",
+    "retain_class_acc",
+    "forget_class_acc",
+    "unlearn_s",
+)
+LAST_COLUMNS = ("error", "run_dir")
+METHOD_ORDER = (
+    "original",
+    "retrain",
+    "finetune",
+    "ours",
+    "ours_proxy",
+    "max_loss",
+    "noisy_label",
+    "retain_label",
+    "random_encoder",
+)
+REFERENCE = "original"
+# Markdown columns: metric, then the comparison to the original (ratio "_x" or difference "_d").
+MD_METRICS = (
+    "retain_fid",
+    "retain_is",
+    "retain_cos",
+    "retain_class_acc",
+    "forget_fid",
+    "forget_is",
+    "forget_cos",
+    "forget_class_acc",
+)
+COMPARISONS = {
+    "forget_fid_x": ("forget_fid", "ratio"),
+    "retain_fid_x": ("retain_fid", "ratio"),
+    "forget_cos_d": ("forget_cos", "diff"),
+    "retain_cos_d": ("retain_cos", "diff"),
+    "forget_acc_d": ("forget_class_acc", "diff"),
+    "retain_acc_d": ("retain_class_acc", "diff"),
+}
+FLOOR_KEYS = (
+    "forget_class_acc_grey",
+    "forget_class_acc_noise",
+    "retain_class_acc_grey",
+    "retain_class_acc_noise",
+)
+_IDENTITY = ("family", "method", "dataset", "seed", "status", "error")
+_UNNESTED = ("metrics", "floors")
+
+
+def snake_case(key: str) -> str:
+    """'forgetFID' / 'Forget FID' / 'forget-fid' -> 'forget_fid'."""
+    key = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", key.strip())
+    return re.sub(r"[^0-9a-zA-Z]+", "_", key).strip("_").lower()
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Scalars of a metrics.json; `metrics` and `floors` lose their name, other dicts prefix their keys."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, "" if not prefix and key in _UNNESTED else f"{prefix}{key}_"))
+        elif value is None or isinstance(value, (str, int, float, bool)):
+            flat[snake_case(prefix + key)] = value
+    return flat
+
+
+def _read_run(path: Path, root: Path) -> dict[str, Any]:
+    run_dir = path.parent.relative_to(root).as_posix() or "."
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"top level is {type(data).__name__}, not an object")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return {"status": "failed", "error": f"unreadable {path}: {exc}", "run_dir": run_dir}
+    row = _flatten(data)
+    row.update({key: data.get(key) for key in _IDENTITY})
+    missing = [key for key in ("family", "method", "dataset", "seed", "status") if data.get(key) is None]
+    if missing:
+        row["status"] = "failed"
+        row["error"] = f"{path} lacks {', '.join(missing)}" + (
+            f"; {row['error']}" if row.get("error") else ""
+        )
+    row["run_dir"] = run_dir
+    return row
+
+
+def _sort_key(row: dict[str, Any]) -> tuple:
+    method = row.get("method")
+    rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+    seed = row.get("seed")
+    return (
+        str(row.get("family") or "\uffff"),
+        rank,
+        str(method or "\uffff"),
+        str(row.get("dataset") or "\uffff"),
+        seed if isinstance(seed, int) else math.inf,
+        row["run_dir"],
+    )
+
+
+def collect(root: Path) -> list[dict[str, Any]]:
+    """One flat row per metrics.json below `root`, sorted by family, method (reference order), dataset, seed.
+
+    A corrupt or incomplete metrics.json becomes a row with status=failed and an error naming the file.
+    """
+    root = Path(root)
+    rows = [_read_run(path, root) for path in sorted(root.rglob("metrics.json"))]
+    return sorted(rows, key=_sort_key)
+
+
+def columns(rows: Iterable[dict[str, Any]]) -> list[str]:
+    """The CSV header: the core columns, every other key sorted, then error and run_dir."""
+    fixed = set(CORE_COLUMNS) | set(LAST_COLUMNS)
+    extra = sorted({key for row in rows for key in row} - fixed)
+    return [*CORE_COLUMNS, *extra, *LAST_COLUMNS]
+
+
+def _reference(row: dict[str, Any], originals: list[dict[str, Any]]) -> dict[str, Any] | None:
+    same = [
+        o for o in originals if (o.get("family"), o.get("dataset")) == (row.get("family"), row.get("dataset"))
+    ]
+    exact = [o for o in same if o.get("seed") == row.get("seed")]
+    if exact:
+        return exact[0]
+    return same[0] if len(same) == 1 else None
+
+
+def compare_to_original(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Copies of `rows` with the ratio ("_x") and difference ("_d") columns against the original model.
+
+    The reference is the ok original of the same family, dataset and seed, or the only ok original of that
+    family and dataset; without one the comparison columns are None.
+    """
+    originals = [r for r in rows if r.get("method") == REFERENCE and r.get("status") == "ok"]
+    out = []
+    for row in rows:
+        ref = _reference(row, originals)
+        new = dict(row)
+        for name, (metric, kind) in COMPARISONS.items():
+            value, base = row.get(metric), ref.get(metric) if ref else None
+            if not isinstance(value, (int, float)) or not isinstance(base, (int, float)):
+                new[name] = None
+            elif kind == "ratio":
+                new[name] = value / base if base else None
+            else:
+                new[name] = value - base
+        out.append(new)
+    return out
+
+
+def _cell(value: Any, decimals: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.{decimals}f}"
+    return str(value).replace("|", "\\|")
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A markdown table of the runs: identity, retain / forget metrics, and the comparison to the original."""
+    header = ["family", "method", "dataset", "seed", "status", *MD_METRICS, *COMPARISONS, "unlearn_s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in compare_to_original(rows):
+        cells = [_cell(row.get(key), 1 if key == "unlearn_s" else 3) for key in header]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _floors(rows: list[dict[str, Any]]) -> list[str]:
+    groups: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for row in rows:
+        for key in FLOOR_KEYS:
+            if isinstance(row.get(key), (int, float)):
+                group = groups.setdefault((str(row.get("dataset")), str(row.get("task") or "")), {})
+                group.setdefault(key, []).append(float(row[key]))
+    lines = []
+    for (dataset, task), values in sorted(groups.items()):
+        mean = {key: _cell(sum(v) / len(v)) for key, v in values.items()}
+        where = f"{dataset}, {task}" if task else dataset
+        lines.append(
+            f"- Floors ({where}; class_acc of the degraded input with the hole filled grey / noise): "
+            f"forget {mean.get('forget_class_acc_grey', '-')} / {mean.get('forget_class_acc_noise', '-')}, "
+            f"retain {mean.get('retain_class_acc_grey', '-')} / {mean.get('retain_class_acc_noise', '-')}"
+        )
+    return lines
+
+
+def format_markdown(rows: list[dict[str, Any]]) -> str:
+    """summary.md: the table, a legend on how to read it, the class-accuracy floors and the failed runs."""
+    legend = [
+        "- retain: lower FID and higher IS, cos, class_acc are better (ideally close to the original);",
+        "  forget: the opposite (higher FID, lower IS, cos, class_acc).",
+        "- retrain (trained on the retain set only) is the gold standard: a good method lands near it.",
+        "- `*_fid_x`: FID / the original's FID (same family, dataset, seed); `*_d`: value minus the original's.",
+        *_floors(rows),
+    ]
+    failed = [
+        f"- {row['run_dir']}: {' '.join(str(row.get('error') or 'no error recorded').split())[:300]}"
+        for row in rows
+        if row.get("status") != "ok"
+    ]
+    parts = ["# Summary", "", format_table(rows), "", *legend]
+    if failed:
+        parts += ["", "## Failed runs", "", *failed]
+    return "\n".join(parts) + "\n"
+
+
+def _csv_text(rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns(rows), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: "" if value is None else value for key, value in row.items()})
+    return buffer.getvalue()
+
+
+def write_summary(root: Path, out_dir: Path | None = None) -> tuple[Path, Path]:
+    """Write summary.csv and summary.md for the runs below `root` into `out_dir` (default `root`)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"report: {root} is not a directory; pass the sweep dir that holds the run dirs")
+    rows = collect(root)
+    if not rows:
+        raise DataError(f"report: no metrics.json below {root}; pass a sweep dir whose runs have finished")
+    out_dir = Path(out_dir) if out_dir is not None else root
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = out_dir / "summary.csv", out_dir / "summary.md"
+    csv_text, md_text = _csv_text(rows), format_markdown(rows)
+    write_atomic(csv_path, lambda tmp: tmp.write_text(csv_text, encoding="utf-8", newline=""))
+    write_atomic(md_path, lambda tmp: tmp.write_text(md_text, encoding="utf-8"))
+    return csv_path, md_path

@@ -1,0 +1,77 @@
+"""Run directories keyed by a hash of the config that matters, and atomic writes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+# Keys that change where or how a run executes, not what it computes.
+NON_SEMANTIC_KEYS = ("trainer", "logger", "paths", "hydra", "metrics.eval_batch_size")
+
+
+def stable_hash(obj: Any, length: int = 12) -> str:
+    """Hex digest of a canonical JSON encoding of ``obj``."""
+    blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def semantic_config(cfg: DictConfig) -> dict:
+    """The resolved config without the keys that do not change results."""
+    c = OmegaConf.to_container(cfg, resolve=True)
+    for key in NON_SEMANTIC_KEYS:
+        node, *rest = key.split(".")
+        if not rest:
+            c.pop(node, None)
+        elif isinstance(c.get(node), dict):
+            c[node].pop(rest[0], None)
+    return c
+
+
+def config_hash(cfg: DictConfig) -> str:
+    return stable_hash(semantic_config(cfg))
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    """<output_dir>/<family>-<method>-<dataset>-s<seed>-<hash>."""
+    name = f"{cfg.model.name}-{cfg.method.name}-{cfg.data.name}-s{cfg.seed}-{config_hash(cfg)[:8]}"
+    return Path(cfg.paths.output_dir) / name
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file + rename, so a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=float) + "\n")
+
+
+def atomic_torch_save(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def finished(run: Path, chash: str) -> dict | None:
+    """The metrics of a finished ok run with the same config hash, else None."""
+    f = run / "metrics.json"
+    if not f.exists():
+        return None
+    try:
+        m = json.loads(f.read_text())
+    except json.JSONDecodeError:
+        return None
+    return m if m.get("status") == "ok" and m.get("config_hash") == chash else None

@@ -1,0 +1,44 @@
+"""Shared fixtures: the real Hydra config, composed and shrunk to tiny sizes."""
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+
+# Tiny sizes per family, so every family x method cell runs in seconds on CPU.
+TINY = {
+    "mae": ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.decoder_dim=16",
+            "model.decoder_depth=1", "model.decoder_heads=1"],
+}
+
+
+def tiny_overrides(tmp: Path, model: str = "mae", method: str = "ours", extra=()) -> list[str]:
+    return [
+        "data=synthetic", f"model={model}", f"method={method}", "logger=none",
+        f"paths.output_dir={tmp / 'runs'}", f"paths.cache_dir={tmp / 'cache'}",
+        "model.train.steps=6", "model.train.batch_size=16", "model.train.warmup_steps=1",
+        "metrics.feature_net.epochs=1", "metrics.is_splits=2", "metrics.grid_images=4",
+        *(["method.steps=3", "method.batch_size=8"] if method not in ("original", "retrain") else []),
+        *TINY.get(model, []), *extra,
+    ]
+
+
+def compose_cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+@pytest.fixture(scope="session")
+def shared_tmp(tmp_path_factory) -> Path:
+    """One cache for the session: data shards, feature net and original models are reused."""
+    return tmp_path_factory.mktemp("i2iu")

@@ -14,9 +14,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from .runs import atomic_write_json, config_hash, finished, run_dir, semantic_config
+from .atomic import write_json
+from .runs import config_hash, finished, run_dir, semantic_config
 
 log = logging.getLogger("i2iu")
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # the top-level Hydra config tree
 
 
 def make_logger(cfg: DictConfig, run: Path):
@@ -47,12 +49,13 @@ def _log_results(logger, run: Path, result: dict) -> None:
         logger.experiment.finish()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
     """Run one (family, method, data, seed) cell; skip it if an identical run already finished."""
     from . import pipeline
 
     logging.basicConfig(level=logging.INFO, format="[i2iu] %(message)s", force=True)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no tips / device banners per stage
     chash = config_hash(cfg)
     run = run_dir(cfg)
     if finished(run, chash):
@@ -65,7 +68,7 @@ def main(cfg: DictConfig) -> None:
         logger = make_logger(cfg, run)
         result = pipeline.run(cfg, run, chash, logger=logger)
     except Exception as exc:  # a failed cell is a row with its error, never a silent gap
-        atomic_write_json(run / "metrics.json", {
+        write_json(run / "metrics.json", {
             "family": cfg.model.name, "method": cfg.method.name, "dataset": cfg.data.name, "seed": cfg.seed,
             "status": "failed", "error": f"{type(exc).__name__}: {exc}", "config_hash": chash,
             "traceback": traceback.format_exc(),
@@ -74,7 +77,7 @@ def main(cfg: DictConfig) -> None:
             raise
         log.error("%s failed: %s: %s", run.name, type(exc).__name__, exc)
         return
-    atomic_write_json(run / "metrics.json", result)
+    write_json(run / "metrics.json", result)
     _log_results(logger, run, result)
     m = result["metrics"]
     log.info("%s done: retain fid %.3f cos %.3f acc %.3f | forget fid %.3f cos %.3f acc %.3f -> %s",

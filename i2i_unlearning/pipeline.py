@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from .atomic import torch_save, write_json, write_text
 from .data.datamodule import ForgetRetainDataModule
 from .data.degrade import fill
 from .data.prepare import prepare
@@ -26,7 +28,7 @@ from .families.base import Family
 from .metrics.evaluate import SplitScorer, class_acc
 from .metrics.features import load_or_train_feature_net
 from .report.figures import save_grid
-from .runs import atomic_torch_save, atomic_write_json, atomic_write_text, stable_hash
+from .runs import stable_hash
 from .unlearning.methods import UnlearningMethod
 from .unlearning.module import UnlearnModule
 
@@ -67,7 +69,8 @@ def datamodule(cfg: DictConfig, data_dir: Path, streams: dict, batch_size: int, 
                patch: int) -> ForgetRetainDataModule:
     return ForgetRetainDataModule(
         data_dir, streams=streams, batch_size=batch_size, epoch_batches=steps,
-        num_workers=cfg.data.num_workers, patch=patch, mask_ratio=tuple(cfg.data.mask_ratio), seed=seed,
+        num_workers=cfg.data.num_workers, patch=patch, mask_ratio=tuple(cfg.data.mask_ratio),
+        mask_kinds=tuple(cfg.data.mask_kinds), seed=seed,
     )
 
 
@@ -117,8 +120,9 @@ def trained_model(cfg: DictConfig, data_dir: Path, kind: str) -> tuple[Family, d
     """The family trained on all classes (``original``) or on retain only (``retrain``), cached."""
     manifest = json.loads((data_dir / "manifest.json").read_text())
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    key = stable_hash({"data": manifest["config_hash"], "model": model_cfg, "kind": kind,
-                       "precision": cfg.trainer.precision})
+    degradation = {k: OmegaConf.to_container(cfg.data)[k] for k in ("mask_ratio", "mask_kinds", "num_workers")}
+    key = stable_hash({"data": manifest["config_hash"], "degradation": degradation, "model": model_cfg,
+                       "kind": kind, "precision": cfg.trainer.precision})
     path = Path(cfg.paths.cache_dir) / "models" / f"{cfg.model.name}-{kind}-{key}.pt"
     meta_path = path.with_suffix(".json")
     model: Family = instantiate(cfg.model)
@@ -126,21 +130,24 @@ def trained_model(cfg: DictConfig, data_dir: Path, kind: str) -> tuple[Family, d
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval(), json.loads(meta_path.read_text())
     rec = cfg.model.train
-    log.info("training the %s %s model: %d steps of %d images (cached as %s)",
-             kind, cfg.model.name, rec.steps, rec.batch_size, path.name)
+    n_images = sum(manifest["splits"][s]["count"] for s in STREAM_SPLITS[kind])
+    steps = max(1, math.ceil(rec.epochs * n_images / rec.batch_size))
+    log.info("training the %s %s model: %g epochs of %d images = %d steps of %d (cached as %s)",
+             kind, cfg.model.name, rec.epochs, n_images, steps, rec.batch_size, path.name)
     L.seed_everything(rec.seed, workers=True, verbose=False)
     model = instantiate(cfg.model)
-    dm = datamodule(cfg, data_dir, {"train": STREAM_SPLITS[kind]}, rec.batch_size, rec.steps, rec.seed,
+    model.train_cfg["steps"] = steps  # the lr schedule spans the whole run
+    dm = datamodule(cfg, data_dir, {"train": STREAM_SPLITS[kind]}, rec.batch_size, steps, rec.seed,
                     model.mask_patch)
     t0 = time.perf_counter()
-    tr = trainer(cfg, rec.steps, root=path.parent)
+    tr = trainer(cfg, steps, root=path.parent)
     tr.fit(model, dm)
-    meta = {"kind": kind, "train_s": time.perf_counter() - t0, "steps": rec.steps,
-            "batch_size": rec.batch_size, "final_loss": float(tr.callback_metrics.get("train/loss", float("nan"))),
-            "splits": STREAM_SPLITS[kind]}
+    meta = {"kind": kind, "train_s": time.perf_counter() - t0, "steps": steps, "images": n_images,
+            "epochs": rec.epochs, "batch_size": rec.batch_size, "splits": STREAM_SPLITS[kind],
+            "final_loss": float(tr.callback_metrics.get("train/loss", float("nan")))}
     if tr.global_rank == 0:
-        atomic_torch_save(path, model.state_dict())
-        atomic_write_json(meta_path, meta)
+        torch_save(path, model.state_dict())
+        write_json(meta_path, meta)
     return model.eval(), meta
 
 
@@ -199,13 +206,13 @@ def run(cfg: DictConfig, run: Path, chash: str, logger=None) -> dict:
     """Execute one configured run into ``run`` and return its metrics.json content."""
     check_config(cfg)
     method: UnlearningMethod = instantiate(cfg.method)
+    patch = instantiate(cfg.model).mask_patch  # a model config that cannot work fails here, before data work
     data_dir = prepare_data(cfg)
-    eval_dm = datamodule(cfg, data_dir, {"retain": ["retain_train"]}, 1, 1, cfg.seed, 1)
+    eval_dm = datamodule(cfg, data_dir, {"retain": ["retain_train"]}, 1, 1, cfg.seed, patch)
     net, net_info = feature_net(cfg, data_dir, eval_dm)
     original, original_meta = trained_model(cfg, data_dir, "original")
     start, start_meta = (original, original_meta) if method.start_from == "original" else \
         trained_model(cfg, data_dir, method.start_from)
-    eval_dm = datamodule(cfg, data_dir, {"retain": ["retain_train"]}, 1, 1, cfg.seed, start.mask_patch)
 
     if method.trains:
         log.info("unlearning: %s on %s for %d steps", method.name, cfg.model.name, method.steps)
@@ -217,7 +224,7 @@ def run(cfg: DictConfig, run: Path, chash: str, logger=None) -> dict:
     log.info("evaluating %s on %s", method.name, cfg.task)
     metrics, floors, grid = evaluate(cfg, eval_dm, model, original, net)
     save_grid(run / "grid.png", grid)
-    atomic_torch_save(run / "checkpoint.pt", model.state_dict())
+    torch_save(run / "checkpoint.pt", model.state_dict())
     return {
         "family": cfg.model.name, "method": method.name, "dataset": cfg.data.name, "seed": cfg.seed,
         "status": "ok", "error": None, "task": cfg.task, "unlearn_s": unlearn_s,
@@ -228,4 +235,4 @@ def run(cfg: DictConfig, run: Path, chash: str, logger=None) -> dict:
 
 
 def write_config(cfg: DictConfig, run: Path) -> None:
-    atomic_write_text(run / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    write_text(run / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 # Keys that change where or how a run executes, not what it computes.
@@ -42,27 +39,6 @@ def run_dir(cfg: DictConfig) -> Path:
     """<output_dir>/<family>-<method>-<dataset>-s<seed>-<hash>."""
     name = f"{cfg.model.name}-{cfg.method.name}-{cfg.data.name}-s{cfg.seed}-{config_hash(cfg)[:8]}"
     return Path(cfg.paths.output_dir) / name
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file + rename, so a crash never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=float) + "\n")
-
-
-def atomic_torch_save(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def finished(run: Path, chash: str) -> dict | None:

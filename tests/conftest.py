@@ -22,11 +22,12 @@ TINY = {
 }
 
 
-def tiny_overrides(tmp: Path, model: str = "mae", method: str = "ours", extra=()) -> list[str]:
+def tiny_overrides(tmp: Path, model: str = "mae", method: str = "ours", extra=(), logger: str = "none",
+                   runs: str = "runs") -> list[str]:
     return [
-        "data=synthetic", f"model={model}", f"method={method}", "logger=none",
-        f"paths.output_dir={tmp / 'runs'}", f"paths.cache_dir={tmp / 'cache'}",
-        "model.train.steps=6", "model.train.batch_size=16", "model.train.warmup_steps=1",
+        "data=synthetic", f"model={model}", f"method={method}", f"logger={logger}",
+        f"paths.output_dir={tmp / runs}", f"paths.cache_dir={tmp / 'cache'}",
+        "model.train.epochs=0.5", "model.train.batch_size=16", "model.train.warmup_steps=1",
         "metrics.feature_net.epochs=1", "metrics.is_splits=2", "metrics.grid_images=4",
         *(["method.steps=3", "method.batch_size=8"] if method not in ("original", "retrain") else []),
         *TINY.get(model, []), *extra,

@@ -55,7 +55,7 @@ def test_finished_run_is_skipped_and_not_rewritten(shared_tmp):
 
 def test_run_dir_ignores_logging_and_device_settings(shared_tmp):
     a = compose_cfg(tiny_overrides(shared_tmp))
-    b = compose_cfg(tiny_overrides(shared_tmp, extra=["logger=csv", "trainer.log_every_n_steps=1"]))
+    b = compose_cfg(tiny_overrides(shared_tmp, logger="csv", extra=["trainer.log_every_n_steps=1"]))
     c = compose_cfg(tiny_overrides(shared_tmp, extra=["method.alpha=0.5"]))
     assert config_hash(a) == config_hash(b) != config_hash(c)
 
@@ -89,3 +89,13 @@ def test_unknown_class_fails_and_is_recorded_as_failed_row(shared_tmp):
         cli.main(cfg)
     m = json.loads((run_dir(cfg) / "metrics.json").read_text())
     assert m["status"] == "failed" and "class_9" in m["error"]
+
+
+def test_wandb_logs_offline_into_the_run_dir(shared_tmp):
+    cfg = compose_cfg(tiny_overrides(shared_tmp, "mae", "ours", logger="wandb", runs="wandb_runs"))
+    cli.main(cfg)
+    run = run_dir(cfg)
+    offline = list((run / "wandb").glob("offline-run-*"))
+    assert offline, "no offline W&B run was written"
+    assert any(offline[0].glob("*.wandb"))
+    assert json.loads((run / "metrics.json").read_text())["status"] == "ok"

@@ -1,6 +1,6 @@
 """Lightning data module: named training streams over prepared shards, with random masks drawn on the fly.
 
-Each stream resamples shards (weighted by their sample counts) forever and cuts a fixed number of
+Each stream resamples whole shards forever and cuts a fixed number of
 batches per epoch, so DDP ranks never wait on one another over uneven shards. The shard sequence of an
 epoch is shared and split across ranks and workers; sample shuffling and masks are seeded per
 (seed, stream, epoch, rank, worker). The epoch counter lives in the main process and is part of
@@ -13,7 +13,7 @@ import hashlib
 import math
 import random
 from collections.abc import Iterator
-from itertools import accumulate, islice
+from itertools import islice
 from pathlib import Path
 
 import lightning as L
@@ -23,7 +23,7 @@ import webdataset as wds
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from webdataset.utils import pytorch_worker_info
 
-from i2i_unlearning.data.degrade import eval_mask, random_patch_mask
+from i2i_unlearning.data.degrade import TRAIN_MASKS, eval_mask, train_mask
 from i2i_unlearning.data.prepare import load_manifest
 from i2i_unlearning.data.shards import decode_png, verify_shards
 from i2i_unlearning.errors import ConfigError
@@ -47,16 +47,20 @@ class _Epoch:
 
 
 class _ResampledShards(torch.utils.data.IterableDataset):
-    """Endless shard urls, drawn with probability proportional to their sample counts, seeded per epoch."""
+    """Endless shard urls drawn uniformly with replacement, seeded per epoch.
 
-    def __init__(self, urls: list[str], counts: list[int], seed: int, epoch: _Epoch):
+    Uniform over shards (not weighted by size) because each draw reads the whole shard: every image
+    then comes up equally often, whatever the size of the shard it sits in.
+    """
+
+    def __init__(self, urls: list[str], seed: int, epoch: _Epoch):
         super().__init__()
-        self.urls, self.cum_counts, self.seed, self.epoch = urls, list(accumulate(counts)), seed, epoch
+        self.urls, self.seed, self.epoch = urls, seed, epoch
 
     def __iter__(self) -> Iterator[dict]:
         rng = random.Random(_derived_seed(self.seed, self.epoch.value))
         while True:
-            yield {"url": rng.choices(self.urls, cum_weights=self.cum_counts)[0]}
+            yield {"url": self.urls[rng.randrange(len(self.urls))]}
 
 
 class _Decode:
@@ -115,10 +119,9 @@ def _collate(samples: list[dict]) -> dict:
 class _MaskedBatches:
     """Group samples into batches and add a random patch mask per batch from a seeded generator."""
 
-    def __init__(
-        self, batch_size: int, size: int, patch: int, ratio: tuple[float, float], seed: int, epoch: _Epoch
-    ):
-        self.batch_size, self.size, self.patch, self.ratio = batch_size, size, patch, ratio
+    def __init__(self, batch_size: int, size: int, patch: int, ratio: tuple[float, float],
+                 kinds: tuple[str, ...], seed: int, epoch: _Epoch):
+        self.batch_size, self.size, self.patch, self.ratio, self.kinds = batch_size, size, patch, ratio, kinds
         self.seed, self.epoch = seed, epoch
 
     def __call__(self, samples):
@@ -128,7 +131,7 @@ class _MaskedBatches:
             if len(batch) < self.batch_size:
                 return
             out = _collate(batch)
-            out["mask"] = random_patch_mask(self.batch_size, self.size, self.patch, self.ratio, generator)
+            out["mask"] = train_mask(self.batch_size, self.size, self.patch, self.ratio, self.kinds, generator)
             yield out
 
 
@@ -169,6 +172,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
         num_workers: int = 0,
         patch: int = 4,
         mask_ratio: tuple[float, float] = (0.5, 0.9),
+        mask_kinds: tuple[str, ...] = TRAIN_MASKS,
         seed: int = 0,
         shuffle_buffer: int = 2000,
     ):
@@ -181,6 +185,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.patch = patch
         self.mask_ratio = tuple(mask_ratio)
+        self.mask_kinds = tuple(mask_kinds)
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self._check_settings()
@@ -251,22 +256,27 @@ class ForgetRetainDataModule(L.LightningDataModule):
         """Number of classes of the source (forget, retain and proxy together)."""
         return len(self._manifest["class_names"])
 
-    def _shards(self, splits: list[str]) -> tuple[list[str], list[int]]:
-        shards = [shard for split in splits for shard in self._manifest["splits"][split]["shards"]]
-        return [str(self.data_dir / s["name"]) for s in shards], [s["count"] for s in shards]
+    def _shard_urls(self, splits: list[str]) -> list[str]:
+        return [
+            str(self.data_dir / s["name"])
+            for split in splits
+            for s in self._manifest["splits"][split]["shards"]
+        ]
 
     def _stream_loader(self, name: str) -> _StreamLoader:
-        urls, counts = self._shards(self.streams[name])
+        urls = self._shard_urls(self.streams[name])
         seed, epoch = _stream_seed(self.seed, name), _Epoch()
         per_worker = math.ceil(self.epoch_batches / max(1, self.num_workers))
         pipeline = wds.DataPipeline(
-            _ResampledShards(urls, counts, seed, epoch),
+            _ResampledShards(urls, seed, epoch),
             wds.split_by_node,
             wds.split_by_worker,
             wds.tarfile_to_samples(),
             _Shuffle(self.shuffle_buffer, seed, epoch),
             _Decode(self.channels),
-            _MaskedBatches(self.batch_size, self.image_size, self.patch, self.mask_ratio, seed, epoch),
+            _MaskedBatches(
+                self.batch_size, self.image_size, self.patch, self.mask_ratio, self.mask_kinds, seed, epoch
+            ),
         ).with_epoch(per_worker)
         loader = wds.WebLoader(pipeline, batch_size=None, num_workers=self.num_workers)
         return _StreamLoader(loader, epoch, self._epochs, name, self.epoch_batches)
@@ -295,7 +305,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
     def _eval_iter(
         self, split: str, mask: torch.Tensor, batch_size: int, limit: int | None
     ) -> Iterator[dict]:
-        urls, _ = self._shards([split])
+        urls = self._shard_urls([split])
         if not urls:
             return
         samples = wds.DataPipeline(

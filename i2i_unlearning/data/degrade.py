@@ -91,30 +91,55 @@ def random_patch_mask(
     return grid.repeat_interleave(patch, dim=2).repeat_interleave(patch, dim=3)
 
 
-def random_box_mask(
+def random_block_mask(
     batch: int,
     size: int,
     patch: int,
-    ratio_range: tuple[float, float] = (0.1, 0.5),
+    side_range: tuple[float, float] = (0.25, 0.75),
+    keep: bool = False,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Random patch-aligned rectangular holes (batch,1,size,size), one per sample, area in ratio_range."""
-    low, high = ratio_range
+    """Patch-aligned rectangular holes (batch,1,size,size): one height and width per batch (so
+    every sample hides as many patches), a random position per sample. ``keep=True`` inverts
+    it: only the block is known (outpainting-like)."""
+    low, high = side_range
     if not 0.0 < low <= high <= 1.0:
-        raise ConfigError(f"box ratio range {tuple(ratio_range)}: use 0 < low <= high <= 1")
+        raise ConfigError(f"block side range {tuple(side_range)}: use 0 < low <= high <= 1")
     if patch < 1 or size % patch:
         raise ConfigError(f"image size {size} is not a multiple of the patch size {patch}")
     side = size // patch
-    masks = torch.zeros(batch, 1, size, size)
-    for i in range(batch):
-        area = (low + (high - low) * torch.rand((), generator=generator).item()) * side * side
-        aspect = torch.empty(()).uniform_(0.5, 2.0, generator=generator).item()
-        h = min(side, max(1, round((area * aspect) ** 0.5)))
-        w = min(side, max(1, round(area / h)))
-        top = int(torch.randint(0, side - h + 1, (), generator=generator))
-        left = int(torch.randint(0, side - w + 1, (), generator=generator))
-        masks[i, :, top * patch : (top + h) * patch, left * patch : (left + w) * patch] = 1.0
-    return masks
+    lo, hi = max(1, round(low * side)), max(1, round(high * side))
+    h, w = (int(v) for v in torch.randint(lo, hi + 1, (2,), generator=generator))
+    tops = torch.randint(0, side - h + 1, (batch,), generator=generator)
+    lefts = torch.randint(0, side - w + 1, (batch,), generator=generator)
+    grid = torch.zeros(batch, 1, side, side)
+    for i, (top, left) in enumerate(zip(tops.tolist(), lefts.tolist(), strict=True)):
+        grid[i, :, top : top + h, left : left + w] = 1.0
+    if keep:
+        grid = 1.0 - grid
+    return grid.repeat_interleave(patch, dim=2).repeat_interleave(patch, dim=3)
+
+
+TRAIN_MASKS = ("patches", "block", "keep_block")
+
+
+def train_mask(
+    batch: int,
+    size: int,
+    patch: int,
+    ratio_range: tuple[float, float],
+    kinds: tuple[str, ...] = TRAIN_MASKS,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The training degradation: per batch, one kind drawn from ``kinds`` -- scattered patches
+    (``random_patch_mask``), a hole (``block``), or a known block only (``keep_block``)."""
+    unknown = set(kinds) - set(TRAIN_MASKS)
+    if not kinds or unknown:
+        raise ConfigError(f"training mask kinds {list(kinds)}: choose from {list(TRAIN_MASKS)}")
+    kind = kinds[int(torch.randint(len(kinds), (), generator=generator))]
+    if kind == "patches":
+        return random_patch_mask(batch, size, patch, ratio_range, generator)
+    return random_block_mask(batch, size, patch, keep=kind == "keep_block", generator=generator)
 
 
 def noise_image(

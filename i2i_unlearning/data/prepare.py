@@ -6,7 +6,6 @@ place and moved there atomically, so it is built once, reused by every run, and 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ import numpy as np
 from i2i_unlearning.data.shards import write_shards
 from i2i_unlearning.data.sources import ImageSource
 from i2i_unlearning.errors import ConfigError, DataError
+from i2i_unlearning.runs import stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -132,12 +132,6 @@ def _select(
     return np.random.default_rng([seed, split_index]).permutation(indices)
 
 
-def config_hash(config: dict) -> str:
-    """First 12 hex digits of the sha256 of a canonical JSON of `config`."""
-    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
-
-
 def _is_current(data_dir: Path, hash12: str) -> bool:
     try:
         return load_manifest(data_dir).get("config_hash") == hash12
@@ -175,7 +169,7 @@ def prepare(
         "shard_size": shard_size,
         "seed": seed,
     }
-    hash12 = config_hash(config)
+    hash12 = stable_hash(config)
     out_root = Path(out_root)
     data_dir = out_root / f"{source.name}-{hash12}"
     if data_dir.exists():

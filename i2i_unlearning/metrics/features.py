@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -24,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from i2i_unlearning.atomic import write_atomic
 from i2i_unlearning.errors import ConfigError, DataError
 
 Batches = Callable[[], Iterable[tuple[Tensor, Tensor]]]
@@ -66,13 +65,16 @@ class FeatureNet(nn.Module):
         self.image_size = image_size
         self.embed_dim = embed_dim
         self.trunk = nn.Sequential(_block(channels, 32), _block(32, 64), _block(64, 128))
-        self.embedding = nn.Sequential(nn.Linear(128, embed_dim), nn.ReLU(inplace=True))
+        # Flatten, not global pooling: where a part sits matters for clothing (measured 0.88 vs 0.53-0.71
+        # test accuracy on Fashion-MNIST after 3 epochs).
+        side = image_size // 8
+        self.embedding = nn.Sequential(nn.Linear(128 * side * side, embed_dim), nn.ReLU(inplace=True))
         self.head = nn.Linear(embed_dim, num_classes)
 
     def embed(self, x: Tensor) -> Tensor:
         """(B, C, S, S) in [0, 1] -> (B, embed_dim) penultimate features."""
         h = self.trunk(x * 2.0 - 1.0)
-        return self.embedding(h.mean(dim=(2, 3)))
+        return self.embedding(h.flatten(1))
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, S, S) in [0, 1] -> (B, num_classes) logits."""
@@ -162,17 +164,6 @@ def train_feature_net(
     return net.cpu().eval(), test_acc
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def load_or_train_feature_net(cache_dir: Path, key: str, **train_kwargs) -> tuple[FeatureNet, dict]:
     """Load `cache_dir/feature_net-{key}.pt` (+ its .json) or train one with `train_feature_net` and cache it.
 
@@ -214,6 +205,6 @@ def load_or_train_feature_net(cache_dir: Path, key: str, **train_kwargs) -> tupl
     }
     cache_dir.mkdir(parents=True, exist_ok=True)
     # The JSON is written last: a .pt without its .json is never taken for a finished cache.
-    _atomic_write(weights, lambda p: torch.save(net.state_dict(), p))
-    _atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, indent=2)))
+    write_atomic(weights, lambda p: torch.save(net.state_dict(), p))
+    write_atomic(meta_path, lambda p: p.write_text(json.dumps(meta, indent=2)))
     return net, meta

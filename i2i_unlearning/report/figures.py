@@ -10,8 +10,8 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from torchvision.utils import make_grid
 
+from i2i_unlearning.atomic import write_atomic
 from i2i_unlearning.errors import ConfigError
-from i2i_unlearning.report._atomic import write_atomic
 
 _PAD = 2
 _MIN_TILE_PX = 96

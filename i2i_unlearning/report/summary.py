@@ -11,8 +11,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from i2i_unlearning.atomic import write_atomic
 from i2i_unlearning.errors import DataError
-from i2i_unlearning.report._atomic import write_atomic
 
 CORE_COLUMNS = (
     "family",

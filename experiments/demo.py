@@ -12,8 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from i2i_unlearning.report.summary import write_summary
-from i2i_unlearning.unlearning.methods import METHOD_ORDER
+from i2i_unlearning.report.summary import METHOD_ORDER, write_summary
 
 OUT = Path("outputs/demo")
 

@@ -29,11 +29,12 @@ def make_logger(cfg: DictConfig, run: Path):
 
     if cfg.logger._target_.endswith("WandbLogger"):
         os.environ.setdefault("WANDB_SILENT", "true")
-        return instantiate(
+        logger = instantiate(
             cfg.logger, name=run.name, id=run.name, save_dir=str(run), group=f"{cfg.data.name}-{cfg.task}",
-            tags=[cfg.model.name, cfg.method.name, cfg.data.name, f"seed{cfg.seed}"],
-            config=semantic_config(cfg), resume="allow",
+            tags=[cfg.model.name, cfg.method.name, cfg.data.name, f"seed{cfg.seed}"], resume="allow",
         )
+        logger.log_hyperparams(semantic_config(cfg))
+        return logger
     return instantiate(cfg.logger, save_dir=str(run), name="logs")
 
 

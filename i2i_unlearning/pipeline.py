@@ -24,7 +24,7 @@ from .data.datamodule import ForgetRetainDataModule
 from .data.degrade import fill
 from .data.prepare import prepare
 from .errors import ConfigError
-from .families.base import Family
+from .families.base import Family, StageContext
 from .metrics.evaluate import SplitScorer, class_acc
 from .metrics.features import load_or_train_feature_net
 from .report.figures import save_grid
@@ -116,7 +116,24 @@ def feature_net(cfg: DictConfig, data_dir: Path, dm: ForgetRetainDataModule):
     )
 
 
-def trained_model(cfg: DictConfig, data_dir: Path, kind: str) -> tuple[Family, dict]:
+def stage_context(cfg: DictConfig, data_dir: Path, kind: str, patch: int, workdir: Path, net) -> StageContext:
+    """Data access for a family's pre-training stages, on the splits of ``kind``."""
+    rec = cfg.model.train
+
+    def train_batches(n: int):
+        dm = datamodule(cfg, data_dir, {"train": STREAM_SPLITS[kind]}, rec.batch_size, n, rec.seed, patch)
+        for batch, _, _ in iter(dm.train_dataloader()):
+            yield batch["train"]
+
+    eval_dm = datamodule(cfg, data_dir, {"train": STREAM_SPLITS[kind]}, 1, 1, rec.seed, patch)
+    return StageContext(
+        train_batches=train_batches,
+        eval_batches=lambda split: eval_dm.eval_batches(split, cfg.task, batch_size=cfg.metrics.eval_batch_size),
+        workdir=workdir, feature_net=net, seed=rec.seed,
+    )
+
+
+def trained_model(cfg: DictConfig, data_dir: Path, kind: str, net=None) -> tuple[Family, dict]:
     """The family trained on all classes (``original``) or on retain only (``retrain``), cached."""
     manifest = json.loads((data_dir / "manifest.json").read_text())
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
@@ -140,9 +157,10 @@ def trained_model(cfg: DictConfig, data_dir: Path, kind: str) -> tuple[Family, d
     dm = datamodule(cfg, data_dir, {"train": STREAM_SPLITS[kind]}, rec.batch_size, steps, rec.seed,
                     model.mask_patch)
     t0 = time.perf_counter()
+    pre = model.pre_train(stage_context(cfg, data_dir, kind, model.mask_patch, path.with_suffix(""), net))
     tr = trainer(cfg, steps, root=path.parent)
     tr.fit(model, dm)
-    meta = {"kind": kind, "train_s": time.perf_counter() - t0, "steps": steps, "images": n_images,
+    meta = {"kind": kind, "train_s": time.perf_counter() - t0, "pre_train": pre, "steps": steps, "images": n_images,
             "epochs": rec.epochs, "batch_size": rec.batch_size, "splits": STREAM_SPLITS[kind],
             "final_loss": float(tr.callback_metrics.get("train/loss", float("nan")))}
     if tr.global_rank == 0:
@@ -210,9 +228,9 @@ def run(cfg: DictConfig, run: Path, chash: str, logger=None) -> dict:
     data_dir = prepare_data(cfg)
     eval_dm = datamodule(cfg, data_dir, {"retain": ["retain_train"]}, 1, 1, cfg.seed, patch)
     net, net_info = feature_net(cfg, data_dir, eval_dm)
-    original, original_meta = trained_model(cfg, data_dir, "original")
+    original, original_meta = trained_model(cfg, data_dir, "original", net)
     start, start_meta = (original, original_meta) if method.start_from == "original" else \
-        trained_model(cfg, data_dir, method.start_from)
+        trained_model(cfg, data_dir, method.start_from, net)
 
     if method.trains:
         log.info("unlearning: %s on %s for %d steps", method.name, cfg.model.name, method.steps)
@@ -231,6 +249,7 @@ def run(cfg: DictConfig, run: Path, chash: str, logger=None) -> dict:
         "metrics": metrics, "floors": floors,
         "feature_net_test_acc": net_info.get("test_acc"),
         "original_train_s": original_meta["train_s"], "config_hash": chash,
+        **{f"{method.start_from}_{k}": v for k, v in start_meta.get("pre_train", {}).items()},
     }
 
 

@@ -20,8 +20,8 @@ from i2i_unlearning.data.degrade import (
     noise_image,
     outpaint_mask,
     random_block_mask,
-    train_mask,
     random_patch_mask,
+    train_mask,
 )
 from i2i_unlearning.data.prepare import SPLIT_NAMES, load_manifest, prepare
 from i2i_unlearning.data.shards import read_shard, verify_shards, write_shards

@@ -19,13 +19,27 @@ Images are float tensors (B,C,H,W) in [0, 1].
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
 Embedding = Tensor | list[Tensor]
+
+
+@dataclass
+class StageContext:
+    """What the pipeline hands a family's pre-training stages (e.g. a VQ tokenizer)."""
+
+    train_batches: Callable[[int], Iterator[dict]]  # n -> n training batches of the model's splits
+    eval_batches: Callable[[str], Iterator[dict]]  # split name (e.g. "retain_eval") -> fixed eval batches
+    workdir: Path  # where the stages may cache their own artifacts
+    feature_net: Any  # the default feature network, for quality records (FID, class accuracy)
+    seed: int
 
 
 class Family(L.LightningModule):
@@ -65,6 +79,11 @@ class Family(L.LightningModule):
     def restore(self, image: Tensor, mask: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Generate the missing pixels of T(image); known pixels are kept."""
         raise NotImplementedError
+
+    def pre_train(self, ctx: StageContext) -> dict:
+        """Stages trained before the family's own I2I training, on the same data (the VQ-GAN's
+        tokenizer). Returns figures to record with the model; the default has none."""
+        return {}
 
     # ---- derived helpers ------------------------------------------------------------
     def encoder_parameters(self) -> Iterator[nn.Parameter]:

@@ -20,11 +20,6 @@ from ..data.degrade import noise_image
 from ..errors import ConfigError
 from ..families.base import Embedding, Family
 
-METHOD_ORDER = (
-    "original", "retrain", "finetune", "ours", "ours_proxy",
-    "max_loss", "noisy_label", "retain_label", "random_encoder",
-)
-
 
 def embedding_mse(student: Embedding, target: Embedding) -> Tensor:
     """Squared, mean-reduced L2 between embeddings; a list of feature maps is summed."""

@@ -19,6 +19,10 @@ MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 TINY = {
     "mae": ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.decoder_dim=16",
             "model.decoder_depth=1", "model.decoder_heads=1"],
+    "vqgan": ["model.tokenizer_channels=[8,8,8]", "model.norm_groups=4", "model.latent_channels=8",
+              "model.codebook_size=32", "model.codebook_dim=8", "model.embed_dim=32", "model.depth=1",
+              "model.num_heads=2", "model.decoder_dim=32", "model.decoder_depth=1", "model.decoder_heads=2",
+              "model.decode_steps=2", "model.train.tokenizer_steps=5"],
 }
 
 

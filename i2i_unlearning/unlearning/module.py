@@ -22,7 +22,7 @@ class UnlearnModule(L.LightningModule):
     def __init__(self, original: Family, method: UnlearningMethod):
         super().__init__()
         self.method = method
-        self.student = copy.deepcopy(original)
+        self.student = copy.deepcopy(original).train()  # Lightning keeps the mode it is given
         self.teacher = copy.deepcopy(original).eval().requires_grad_(False)
         trainable = {id(p) for p in method.trainable_parameters(self.student)}
         for p in self.student.parameters():

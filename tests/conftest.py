@@ -4,7 +4,10 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
+
+from i2i_unlearning.unlearning.module import UnlearnModule
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -47,3 +50,16 @@ def compose_cfg(overrides: list[str]):
 def shared_tmp(tmp_path_factory) -> Path:
     """One cache for the session: data shards, feature net and original models are reused."""
     return tmp_path_factory.mktemp("i2iu")
+
+
+def run_method_steps(model, method, forget, retain, steps=3, lr=3e-3) -> UnlearnModule:
+    """A few plain optimiser steps of ``method``'s loss from ``model`` (no Trainer, no data)."""
+    module = UnlearnModule(model, method)
+    opt = torch.optim.Adam([p for p in module.student.parameters() if p.requires_grad], lr=lr)
+    torch.manual_seed(0)
+    for _ in range(steps):
+        loss = method.loss(module.student, module.teacher, forget, retain)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return module

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import run_method_steps
 
 from i2i_unlearning.data.degrade import random_patch_mask
 from i2i_unlearning.families.mae import MAE
@@ -34,15 +35,7 @@ def batches():
 
 
 def run_steps(method, forget, retain, steps=15, lr=3e-3):
-    module = UnlearnModule(tiny_mae(), method)
-    opt = torch.optim.Adam([p for p in module.student.parameters() if p.requires_grad], lr=lr)
-    torch.manual_seed(0)
-    for _ in range(steps):
-        loss = method.loss(module.student, module.teacher, forget, retain)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return module
+    return run_method_steps(tiny_mae(), method, forget, retain, steps, lr)
 
 
 def dist(a, b):

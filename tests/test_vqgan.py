@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
+from conftest import run_method_steps
 
 from i2i_unlearning.data.degrade import center_mask, outpaint_mask, random_patch_mask
 from i2i_unlearning.errors import ConfigError
 from i2i_unlearning.families.base import StageContext
 from i2i_unlearning.families.vqgan import VQGAN, psnr
 from i2i_unlearning.unlearning import methods as M
-from i2i_unlearning.unlearning.module import UnlearnModule
 
 SIZE = 32
 
@@ -65,15 +65,7 @@ def batches():
 
 
 def run_steps(model, method, forget, retain, steps=3, lr=3e-3):
-    module = UnlearnModule(model, method)
-    opt = torch.optim.Adam([p for p in module.student.parameters() if p.requires_grad], lr=lr)
-    torch.manual_seed(0)
-    for _ in range(steps):
-        loss = method.loss(module.student, module.teacher, forget, retain)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return module
+    return run_method_steps(model, method, forget, retain, steps, lr)
 
 
 def changed_params(module) -> set[str]:

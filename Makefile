@@ -8,10 +8,10 @@ export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 export WANDB_SILENT := true
 
-.PHONY: help setup data demo test sweep report lint clean
+.PHONY: help setup data demo demo-vqgan test sweep lint clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-10s %s\n", $$1, $$2}'
 
 setup: $(STAMP) data ## build .venv (Python 3.11, pinned packages) and install the embedded data set
 
@@ -30,6 +30,9 @@ data: ## install Debian's dataset-fashion-mnist when it is missing
 
 demo: setup ## run every method on MAE / Fashion-MNIST and print outputs/demo/summary.md
 	$(BIN)/python experiments/demo.py
+
+demo-vqgan: setup ## the same sweep on the VQ-GAN family into outputs/demo_vqgan (longer than the MAE demo)
+	$(BIN)/python experiments/demo.py model=vqgan
 
 test: setup ## run the test suite (CPU, tiny sizes)
 	$(BIN)/python -m pytest -q tests

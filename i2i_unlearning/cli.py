@@ -88,11 +88,12 @@ def main(cfg: DictConfig) -> None:
 
 def report_main(argv: list[str] | None = None) -> int:
     """``i2iu-report DIR [--out OUT]``: summary.csv + summary.md of every run below DIR."""
-    from .report.summary import write_summary
+    from .report.summary import log_summary_to_wandb, write_summary
 
     p = argparse.ArgumentParser(prog="i2iu-report", description=report_main.__doc__)
     p.add_argument("dir", type=Path, help="a sweep dir (every metrics.json below it is a row)")
     p.add_argument("--out", type=Path, default=None, help="where to write the summary (default: DIR)")
+    p.add_argument("--wandb", action="store_true", help="also log the table to W&B (offline unless WANDB_MODE)")
     a = p.parse_args(argv)
     if not a.dir.is_dir():
         print(f"i2iu-report: {a.dir} is not a directory", file=sys.stderr)
@@ -100,4 +101,6 @@ def report_main(argv: list[str] | None = None) -> int:
     csv_path, md_path = write_summary(a.dir, a.out)
     print(md_path.read_text())
     print(f"wrote {csv_path} and {md_path}")
+    if a.wandb:
+        print(f"logged the table to W&B: {log_summary_to_wandb(csv_path)}")
     return 0

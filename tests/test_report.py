@@ -16,6 +16,7 @@ from i2i_unlearning.report.summary import (
     collect,
     compare_to_original,
     format_table,
+    log_summary_to_wandb,
     write_summary,
 )
 
@@ -173,3 +174,12 @@ def test_save_grid_writes_png_and_labels(tmp_path):
     assert height == 3 * (tile + 2 * 3) + 2 * 3
     assert width > 8 * tile
     assert (tmp_path / "grid.txt").read_text().splitlines() == list(rows)
+
+
+def test_summary_table_is_logged_to_wandb_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    csv_path = tmp_path / "summary.csv"
+    csv_path.write_text("family,method,forget_fid\nmae,ours,3.5\nmae,original,2.0\n")
+    run_dir = log_summary_to_wandb(csv_path)
+    assert run_dir.parent == tmp_path / "wandb" and run_dir.name.startswith("offline-run-")
+    assert any(run_dir.glob("*.wandb"))

@@ -254,3 +254,21 @@ def write_summary(root: Path, out_dir: Path | None = None) -> tuple[Path, Path]:
     write_atomic(csv_path, lambda tmp: tmp.write_text(csv_text, encoding="utf-8", newline=""))
     write_atomic(md_path, lambda tmp: tmp.write_text(md_text, encoding="utf-8"))
     return csv_path, md_path
+
+
+def log_summary_to_wandb(csv_path: Path, project: str = "i2i-unlearning", mode: str | None = None) -> Path:
+    """Log summary.csv as a W&B Table in a run of its own beside it (offline unless ``mode`` or
+    WANDB_MODE say otherwise), so the dashboard compares methods without custom code."""
+    import os
+
+    import wandb
+
+    csv_path = Path(csv_path)
+    with csv_path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    run = wandb.init(project=project, dir=str(csv_path.parent), job_type="report",
+                     name=f"summary-{csv_path.parent.name}", mode=mode or os.environ.get("WANDB_MODE", "offline"))
+    run.log({"summary": wandb.Table(columns=rows[0], data=rows[1:])})
+    run_dir = Path(run.dir).parent
+    run.finish()
+    return run_dir

@@ -209,7 +209,8 @@ def evaluate(cfg: DictConfig, dm: ForgetRetainDataModule, model: Family, origina
                     if f"{split}: ground truth" not in grid:
                         grid[f"{split}: ground truth"] = x[:k]
                         grid[f"{split}: input"] = fill(x[:k], m[:k], "grey")
-                        grid[f"{split}: original"] = original.restore(x[:k], m[:k], generator=gen)
+                        grid_gen = torch.Generator().manual_seed(cfg.seed)  # leaves `gen`'s stream alone
+                        grid[f"{split}: original"] = original.restore(x[:k], m[:k], generator=grid_gen)
                         grid[f"{split}: {cfg.method.name}"] = out[:k]
             for name, value in scorer.compute().items():
                 metrics[f"{prefix}{split}_{name}"] = float(value)

@@ -142,17 +142,16 @@ def trained_model(cfg: DictConfig, data_dir: Path, kind: str, net=None) -> tuple
                        "kind": kind, "precision": cfg.trainer.precision})
     path = Path(cfg.paths.cache_dir) / "models" / f"{cfg.model.name}-{kind}-{key}.pt"
     meta_path = path.with_suffix(".json")
+    rec = cfg.model.train
+    L.seed_everything(rec.seed, workers=True, verbose=False)
     model: Family = instantiate(cfg.model)
     if path.exists() and meta_path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval(), json.loads(meta_path.read_text())
-    rec = cfg.model.train
     n_images = sum(manifest["splits"][s]["count"] for s in STREAM_SPLITS[kind])
     steps = max(1, math.ceil(rec.epochs * n_images / rec.batch_size))
     log.info("training the %s %s model: %g epochs of %d images = %d steps of %d (cached as %s)",
              kind, cfg.model.name, rec.epochs, n_images, steps, rec.batch_size, path.name)
-    L.seed_everything(rec.seed, workers=True, verbose=False)
-    model = instantiate(cfg.model)
     model.train_cfg["steps"] = steps  # the lr schedule spans the whole run
     dm = datamodule(cfg, data_dir, {"train": STREAM_SPLITS[kind]}, rec.batch_size, steps, rec.seed,
                     model.mask_patch)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from i2i_unlearning.atomic import write_atomic
+from i2i_unlearning.atomic import torch_save, write_json
 from i2i_unlearning.errors import ConfigError, DataError
 
 Batches = Callable[[], Iterable[tuple[Tensor, Tensor]]]
@@ -205,6 +205,6 @@ def load_or_train_feature_net(cache_dir: Path, key: str, **train_kwargs) -> tupl
     }
     cache_dir.mkdir(parents=True, exist_ok=True)
     # The JSON is written last: a .pt without its .json is never taken for a finished cache.
-    write_atomic(weights, lambda p: torch.save(net.state_dict(), p))
-    write_atomic(meta_path, lambda p: p.write_text(json.dumps(meta, indent=2)))
+    torch_save(weights, net.state_dict())
+    write_json(meta_path, meta)
     return net, meta

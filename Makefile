@@ -37,9 +37,9 @@ demo-vqgan: setup ## the same sweep on the VQ-GAN family into outputs/demo_vqgan
 test: setup ## run the test suite (CPU, tiny sizes)
 	$(BIN)/python -m pytest -q tests
 
-sweep: setup ## a local multirun sweep: MAE x {ours, max_loss} x seeds {0,1}, then the report
-	$(BIN)/i2iu -m method=ours,max_loss seed=0,1 paths.output_dir=outputs/sweep
-	$(BIN)/i2iu-report outputs/sweep
+sweep: setup ## a local multirun sweep: MAE x {original, ours, max_loss} x seeds {0,1}, then the paper-layout report
+	$(BIN)/i2iu -m method=original,ours,max_loss seed=0,1 paths.output_dir=outputs/sweep/runs
+	$(BIN)/i2iu-report outputs/sweep/runs --out outputs/sweep
 
 lint: setup ## ruff
 	$(BIN)/ruff check i2i_unlearning tests experiments

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 import hydra
@@ -18,6 +19,8 @@ from .atomic import write_json
 from .runs import config_hash, finished, run_dir, semantic_config
 
 log = logging.getLogger("i2iu")
+# conf/hydra/launcher/{basic,joblib,submitit_slurm}.yaml deliberately extend the plugins' schemas of the same name
+warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # the top-level Hydra config tree
 
 

@@ -19,6 +19,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from . import checkpointing
 from .atomic import torch_save, write_json, write_text
 from .data.datamodule import ForgetRetainDataModule
 from .data.degrade import fill
@@ -46,11 +47,13 @@ def check_config(cfg: DictConfig) -> None:
         )
     if cfg.model.channels != cfg.data.channels:
         raise ConfigError(f"model.channels={cfg.model.channels} differs from data.channels={cfg.data.channels}")
-    from .data.degrade import EVAL_TASKS
+    from .data.degrade import task_mask_fn
 
     for task in [cfg.task, *cfg.extra_tasks]:
-        if task not in EVAL_TASKS:
-            raise ConfigError(f"task={task!r} is unknown; valid tasks: {', '.join(EVAL_TASKS)}")
+        try:
+            task_mask_fn(task)
+        except ConfigError as exc:
+            raise ConfigError(f"task={task!r}: {exc}") from None
 
 
 def prepare_data(cfg: DictConfig) -> Path:
@@ -74,11 +77,14 @@ def datamodule(cfg: DictConfig, data_dir: Path, streams: dict, batch_size: int, 
     )
 
 
-def trainer(cfg: DictConfig, max_steps: int, logger=False, root: Path | None = None) -> L.Trainer:
-    """A Lightning Trainer from ``cfg.trainer`` for ``max_steps`` optimiser steps."""
+def trainer(cfg: DictConfig, max_steps: int, logger=False, root: Path | None = None,
+            resume_dir: Path | None = None) -> L.Trainer:
+    """A Lightning Trainer from ``cfg.trainer`` for ``max_steps`` optimiser steps; with ``resume_dir``
+    it checkpoints every ``resume.every_n_steps`` steps there (see checkpointing.py)."""
+    extra = checkpointing.callbacks(resume_dir, cfg.resume.every_n_steps) if resume_dir is not None else []
     return L.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True), max_steps=max_steps, max_epochs=-1,
-        logger=logger, enable_checkpointing=False, enable_model_summary=False,
+        logger=logger, enable_checkpointing=False, enable_model_summary=False, callbacks=extra,
         enable_progress_bar=sys.stderr.isatty(), default_root_dir=str(root) if root else None,
     )
 
@@ -144,7 +150,7 @@ def trained_model(cfg: DictConfig, data_dir: Path, kind: str, net=None) -> tuple
     meta_path = path.with_suffix(".json")
     rec = cfg.model.train
     L.seed_everything(rec.seed, workers=True, verbose=False)
-    model: Family = instantiate(cfg.model)
+    model: Family = instantiate(cfg.model, _convert_="all")  # plain containers: checkpoints load weights_only
     if path.exists() and meta_path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval(), json.loads(meta_path.read_text())
@@ -157,8 +163,9 @@ def trained_model(cfg: DictConfig, data_dir: Path, kind: str, net=None) -> tuple
                     model.mask_patch)
     t0 = time.perf_counter()
     pre = model.pre_train(stage_context(cfg, data_dir, kind, model.mask_patch, path.with_suffix(""), net))
-    tr = trainer(cfg, steps, root=path.parent)
-    tr.fit(model, dm)
+    resume_dir = path.with_suffix("") / "resume"
+    tr = trainer(cfg, steps, root=path.parent, resume_dir=resume_dir)
+    checkpointing.fit_resumable(tr, model, dm, resume_dir)
     meta = {"kind": kind, "train_s": time.perf_counter() - t0, "pre_train": pre, "steps": steps, "images": n_images,
             "epochs": rec.epochs, "batch_size": rec.batch_size, "splits": STREAM_SPLITS[kind],
             "final_loss": float(tr.callback_metrics.get("train/loss", float("nan")))}
@@ -168,8 +175,10 @@ def trained_model(cfg: DictConfig, data_dir: Path, kind: str, net=None) -> tuple
     return model.eval(), meta
 
 
-def unlearn(cfg: DictConfig, data_dir: Path, start: Family, method: UnlearningMethod, logger) -> tuple[Family, float]:
-    """Run ``method`` from ``start``; returns the unlearned family and the wall-clock seconds."""
+def unlearn(cfg: DictConfig, data_dir: Path, start: Family, method: UnlearningMethod, logger,
+            resume_dir: Path) -> tuple[Family, float]:
+    """Run ``method`` from ``start`` (resuming from ``resume_dir`` if an earlier attempt was cut off);
+    returns the unlearned family and the wall-clock seconds of this attempt."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = UnlearnModule(start, method)
     streams = {"retain": [method.retain_split]}
@@ -177,7 +186,8 @@ def unlearn(cfg: DictConfig, data_dir: Path, start: Family, method: UnlearningMe
         streams["forget"] = ["forget_train"]
     dm = datamodule(cfg, data_dir, streams, method.batch_size, method.steps, cfg.seed, start.mask_patch)
     t0 = time.perf_counter()
-    trainer(cfg, method.steps, logger=logger).fit(module, dm)
+    checkpointing.fit_resumable(trainer(cfg, method.steps, logger=logger, resume_dir=resume_dir), module, dm,
+                                resume_dir)
     return module.student.eval(), time.perf_counter() - t0
 
 
@@ -234,7 +244,7 @@ def run(cfg: DictConfig, run: Path, chash: str, logger=None) -> dict:
 
     if method.trains:
         log.info("unlearning: %s on %s for %d steps", method.name, cfg.model.name, method.steps)
-        model, unlearn_s = unlearn(cfg, data_dir, start, method, logger)
+        model, unlearn_s = unlearn(cfg, data_dir, start, method, logger, run / "resume")
     else:
         model = start
         unlearn_s = start_meta["train_s"] if method.start_from == "retrain" else 0.0

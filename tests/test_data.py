@@ -270,6 +270,15 @@ def test_eval_task_geometry():
         eval_mask("center_quarter", 28, patch=4)  # hole of 7 px at offset 10
 
 
+def test_outpaint_border_tasks():
+    thin, half = eval_mask("outpaint_border_0.125", 32, patch=4), eval_mask("outpaint_border_0.25", 32, patch=4)
+    assert thin.sum() == 32 * 32 - 24 * 24 and not thin[0, 0, 4:28, 4:28].any() and thin[0, 0, :4].all()
+    assert torch.equal(half, eval_mask("outpaint_half", 32, patch=4))
+    for bad in ("outpaint_border_0.5", "outpaint_border_x", "outpaint_border_-0.1"):
+        with pytest.raises(ConfigError, match="0 < r < 0.5"):
+            eval_mask(bad, 32)
+
+
 def test_random_patch_mask_equal_counts_and_alignment():
     g = torch.Generator().manual_seed(0)
     for _ in range(5):

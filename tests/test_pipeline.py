@@ -66,7 +66,8 @@ def test_same_seed_same_weights_other_seed_differs(shared_tmp):
         data_dir = pipeline.prepare_data(cfg)
         original, _ = pipeline.trained_model(cfg, data_dir, "original")
         method = pipeline.instantiate(cfg.method)
-        model, _ = pipeline.unlearn(cfg, data_dir, original, method, logger=None)
+        model, _ = pipeline.unlearn(cfg, data_dir, original, method, logger=None,
+                                    resume_dir=shared_tmp / f"resume-seed{seed}")
         return model.state_dict()
 
     a, b, c = weights(0), weights(0), weights(1)

@@ -4,7 +4,7 @@ Each stream resamples whole shards forever and cuts a fixed number of
 batches per epoch, so DDP ranks never wait on one another over uneven shards. The shard sequence of an
 epoch is shared and split across ranks and workers; sample shuffling and masks are seeded per
 (seed, stream, epoch, rank, worker). The epoch counter lives in the main process and is part of
-`state_dict`, so a run resumed at an epoch boundary sees the same batches as an uninterrupted one.
+`state_dict` with the mid-epoch position, so a resumed run sees the same batches as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -142,9 +142,11 @@ class _StreamLoader:
     """
 
     def __init__(
-        self, loader: wds.WebLoader, epoch: _Epoch, counters: dict[str, int], name: str, length: int
+        self, loader: wds.WebLoader, epoch: _Epoch, counters: dict[str, int], skips: dict[str, int], name: str,
+        length: int,
     ):
         self.loader, self.epoch, self.counters, self.name, self.length = loader, epoch, counters, name, length
+        self.skips = skips
 
     def __len__(self) -> int:
         return self.length
@@ -152,7 +154,8 @@ class _StreamLoader:
     def __iter__(self) -> Iterator[dict]:
         self.epoch.value = self.counters[self.name]
         self.counters[self.name] += 1
-        yield from islice(iter(self.loader), self.length)
+        skip = self.skips.pop(self.name, 0)  # a run resumed mid-epoch continues where it stopped
+        yield from islice(iter(self.loader), skip, self.length)
 
 
 class ForgetRetainDataModule(L.LightningDataModule):
@@ -194,6 +197,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
         verify_shards(self.data_dir, self._manifest, needed)
         self._verified = set(needed)
         self._epochs = {name: 0 for name in self.streams}
+        self._skips: dict[str, int] = {}
 
     def _check_settings(self) -> None:
         for name in ("batch_size", "epoch_batches"):
@@ -279,7 +283,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
             ),
         ).with_epoch(per_worker)
         loader = wds.WebLoader(pipeline, batch_size=None, num_workers=self.num_workers)
-        return _StreamLoader(loader, epoch, self._epochs, name, self.epoch_batches)
+        return _StreamLoader(loader, epoch, self._epochs, self._skips, name, self.epoch_batches)
 
     def train_dataloader(self) -> CombinedLoader:
         """All streams side by side, `epoch_batches` batches per epoch: batch[name] per stream."""
@@ -318,9 +322,23 @@ class ForgetRetainDataModule(L.LightningDataModule):
             yield out
 
     def state_dict(self) -> dict:
-        """The next epoch index of each stream (saved in checkpoints so resumed runs see the same data)."""
-        return {"epochs": dict(self._epochs)}
+        """The next epoch index of each stream, and where a checkpoint taken mid-epoch stopped.
+
+        Saved in checkpoints so a resumed run sees the same batches as an uninterrupted one. The position
+        comes from the trainer's step count (every step takes one batch of every stream), not from the
+        loaders, which Lightning reads one batch ahead.
+        """
+        state: dict = {"epochs": dict(self._epochs)}
+        trainer = getattr(self, "trainer", None)
+        done = int(trainer.global_step) if trainer is not None and trainer.training else 0
+        if done % self.epoch_batches:
+            state["mid_epoch"] = {"epoch": done // self.epoch_batches, "batches": done % self.epoch_batches}
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore the streams' epoch counters from a checkpoint."""
+        """Restore the streams' epoch counters (and mid-epoch position) from a checkpoint."""
         self._epochs.update({k: int(v) for k, v in state_dict.get("epochs", {}).items() if k in self._epochs})
+        if mid := state_dict.get("mid_epoch"):
+            for name in self._epochs:
+                self._epochs[name] = int(mid["epoch"])
+                self._skips[name] = int(mid["batches"])

@@ -45,15 +45,34 @@ EVAL_TASKS: dict[str, Callable[[int], torch.Tensor]] = {
 }
 
 
+BORDER_TASK = "outpaint_border_"  # outpaint_border_<r>: a missing border of r x the side on every edge
+
+
+def task_mask_fn(task: str) -> Callable[[int], torch.Tensor]:
+    """The mask builder of an eval task name: one of EVAL_TASKS, or ``outpaint_border_<r>`` with 0 < r < 0.5."""
+    if task in EVAL_TASKS:
+        return EVAL_TASKS[task]
+    if task.startswith(BORDER_TASK):
+        try:
+            ratio = float(task[len(BORDER_TASK):])
+        except ValueError:
+            ratio = -1.0
+        if 0.0 < ratio < 0.5:
+            return lambda size: outpaint_mask(size, 1.0 - 2.0 * ratio)
+    raise ConfigError(
+        f"unknown eval task {task!r}; use one of {sorted(EVAL_TASKS)} or {BORDER_TASK}<r> with 0 < r < 0.5 "
+        f"(e.g. {BORDER_TASK}0.125)"
+    )
+
+
 def eval_mask(task: str, size: int, patch: int = 1) -> torch.Tensor:
     """The fixed (1,1,size,size) mask of an eval task, checked to be aligned to `patch`-pixel patches."""
-    if task not in EVAL_TASKS:
-        raise ConfigError(f"unknown eval task {task!r}; use one of {sorted(EVAL_TASKS)}")
+    build = task_mask_fn(task)
     if patch < 1 or size % patch:
         raise ConfigError(
             f"eval task {task!r}: image size {size} is not a multiple of the patch size {patch}"
         )
-    mask = EVAL_TASKS[task](size)
+    mask = build(size)
     patches = mask.unfold(2, patch, patch).unfold(3, patch, patch)
     if not torch.all(patches.amax(dim=(-1, -2)) == patches.amin(dim=(-1, -2))):
         raise ConfigError(

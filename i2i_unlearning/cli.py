@@ -32,12 +32,26 @@ def make_logger(cfg: DictConfig, run: Path):
 
     if cfg.logger._target_.endswith("WandbLogger"):
         os.environ.setdefault("WANDB_SILENT", "true")
-        logger = instantiate(
-            cfg.logger, name=run.name, id=run.name, save_dir=str(run), group=f"{cfg.data.name}-{cfg.task}",
-            tags=[cfg.model.name, cfg.method.name, cfg.data.name, f"seed{cfg.seed}"], resume="allow",
-        )
-        logger.log_hyperparams(semantic_config(cfg))
-        return logger
+
+        def wandb_logger(**mode):
+            logger = instantiate(
+                cfg.logger, name=run.name, id=run.name, save_dir=str(run), group=f"{cfg.data.name}-{cfg.task}",
+                tags=[cfg.model.name, cfg.method.name, cfg.data.name, f"seed{cfg.seed}"], resume="allow", **mode,
+            )
+            logger.log_hyperparams(semantic_config(cfg))  # starts the W&B run
+            return logger
+
+        try:
+            return wandb_logger()
+        except Exception as exc:  # W&B unreachable / not logged in: the run goes on with offline files
+            if cfg.logger.get("mode") == "offline":
+                raise
+            log.warning("W&B unavailable (%s: %s); logging offline into %s/wandb (`wandb sync` it later)",
+                        type(exc).__name__, str(exc)[:200], run)
+            import wandb
+
+            wandb.teardown()  # the failed attempt still holds the run id in W&B's service process
+            return wandb_logger(mode="offline")
     return instantiate(cfg.logger, save_dir=str(run), name="logs")
 
 

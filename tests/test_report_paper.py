@@ -150,6 +150,11 @@ def test_paper_markdown_order_cells_and_csv(sweep):
     assert methods == ["original", "retrain", "ours", "max_loss", "my_method"]
 
 
+def test_paper_table_of_an_empty_dir_fails_fast(tmp_path):
+    with pytest.raises(DataError, match="no metrics.json below"):
+        write_paper_table(tmp_path)
+
+
 def test_grids_side_by_side_lowest_seed_in_method_order(sweep, tmp_path):
     (path,) = write_grids(sweep, tmp_path / "out", ncols=2)
     assert path.name == "grids_mae_fashion_mnist.png"

@@ -14,6 +14,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from i2i_unlearning.atomic import write_text
+from i2i_unlearning.errors import DataError
 from i2i_unlearning.report.summary import MD_METRICS, METHOD_ORDER, collect
 
 Group = tuple[str, str, str]  # (family, dataset, task)
@@ -194,6 +195,8 @@ def write_paper_table(root: Path, out_dir: Path | None = None) -> tuple[Path, Pa
     root = Path(root)
     out_dir = Path(out_dir) if out_dir is not None else root
     rows = load_rows(root)
+    if not rows:
+        raise DataError(f"report: no metrics.json below {root}; pass a sweep dir whose runs have finished")
     table = aggregate(rows)
     unattributed = sum(group_of(r) is None for r in rows)
     md_path, csv_path = out_dir / "paper_table.md", out_dir / "paper_table.csv"

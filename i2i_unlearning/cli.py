@@ -103,21 +103,43 @@ def main(cfg: DictConfig) -> None:
              m["forget_fid"], m["forget_cos"], m["forget_class_acc"], run)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number of points")
+    return value
+
+
 def report_main(argv: list[str] | None = None) -> int:
-    """``i2iu-report DIR [--out OUT]``: summary.csv + summary.md of every run below DIR."""
+    """``i2iu-report DIR [--out OUT]``: summary.csv / summary.md of every run below DIR, the paper's layout
+    (paper_table.md / .csv: mean ± std over seeds), the image grids side by side and the t-SNE figure."""
+    from .report.figures import write_grids
     from .report.summary import log_summary_to_wandb, write_summary
+    from .report.tables import write_paper_table
+    from .report.tsne import write_tsne
 
     p = argparse.ArgumentParser(prog="i2iu-report", description=report_main.__doc__)
     p.add_argument("dir", type=Path, help="a sweep dir (every metrics.json below it is a row)")
     p.add_argument("--out", type=Path, default=None, help="where to write the summary (default: DIR)")
     p.add_argument("--wandb", action="store_true", help="also log the table to W&B (offline unless WANDB_MODE)")
+    p.add_argument("--no-tsne", action="store_true", help="skip the t-SNE figure")
+    p.add_argument("--tsne-points", type=_positive_int, default=200, metavar="N",
+                   help="at most N points per group (retain / forget, output / truth) in the t-SNE (default 200)")
     a = p.parse_args(argv)
     if not a.dir.is_dir():
         print(f"i2iu-report: {a.dir} is not a directory", file=sys.stderr)
         return 2
     csv_path, md_path = write_summary(a.dir, a.out)
+    paper_md, paper_csv = write_paper_table(a.dir, a.out)
+    written = [csv_path, md_path, paper_md, paper_csv, *write_grids(a.dir, a.out)]
     print(md_path.read_text())
-    print(f"wrote {csv_path} and {md_path}")
+    print(paper_md.read_text())
+    if not a.no_tsne:
+        tsne = write_tsne(a.dir, a.out, max_points=a.tsne_points)
+        if not tsne:
+            print(f"t-SNE skipped: no run below {a.dir} has an embeddings.npz")
+        written += tsne
+    print("wrote:\n" + "\n".join(f"  {path}" for path in written))
     if a.wandb:
         print(f"logged the table to W&B: {log_summary_to_wandb(csv_path)}")
     return 0

@@ -1,4 +1,5 @@
-"""Figures: the image grid of a run (ground truth / input / before / after, for retain and forget)."""
+"""Figures: the image grid of a run (ground truth / input / before / after, for retain and forget), and
+the grids of a sweep's methods side by side."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from torch import Tensor
 from torchvision.utils import make_grid
 
 from i2i_unlearning.atomic import write_atomic
-from i2i_unlearning.errors import ConfigError
+from i2i_unlearning.errors import ConfigError, DataError
+from i2i_unlearning.report.tables import lowest_seed_runs
 
 _PAD = 2
 _MIN_TILE_PX = 96
@@ -74,3 +76,43 @@ def save_grid(path: Path, rows: dict[str, Tensor], nrow_max: int = 8) -> Path:
     write_atomic(path, lambda tmp: canvas.save(tmp, format="PNG"))
     write_atomic(path.with_suffix(".txt"), lambda tmp: tmp.write_text("\n".join(labels) + "\n"))
     return path
+
+
+def save_side_by_side(path: Path, panels: list[tuple[str, Path]], ncols: int = 3) -> Path:
+    """Write one PNG of the (caption, image file) panels, `ncols` per row, each captioned above."""
+    if not panels or ncols < 1:
+        raise ConfigError(f"save_side_by_side needs at least one panel and ncols >= 1; got {len(panels)}, {ncols=}")
+    images = []
+    for caption, file in panels:
+        try:
+            with Image.open(file) as im:
+                images.append((caption, im.convert("RGB")))
+        except OSError as exc:
+            raise DataError(f"grids: cannot read {file}: {exc}; re-run that run's evaluation") from exc
+    font = ImageFont.load_default(size=20)
+    caption_px, gap = 34, 16
+    cell_w = max(im.width for _, im in images) + gap
+    cell_h = max(im.height for _, im in images) + caption_px + gap
+    cols = min(ncols, len(images))
+    rows = math.ceil(len(images) / cols)
+    canvas = Image.new("RGB", (cols * cell_w, rows * cell_h), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (caption, im) in enumerate(images):
+        x, y = (i % cols) * cell_w, (i // cols) * cell_h
+        draw.text((x + 8, y + caption_px // 2), caption, fill="black", font=font, anchor="lm")
+        canvas.paste(im, (x, y + caption_px))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda tmp: canvas.save(tmp, format="PNG"))
+    return path
+
+
+def write_grids(root: Path, out_dir: Path | None = None, ncols: int = 3) -> list[Path]:
+    """grids_<family>_<dataset>.png per group: each method's grid.png (its lowest seed) side by side,
+    captioned, in METHOD_ORDER; [] when no run has a grid.png."""
+    root = Path(root)
+    out_dir = Path(out_dir) if out_dir is not None else root
+    return [
+        save_side_by_side(out_dir / f"grids_{label}.png", [(f"{m} (seed {s})", f) for m, s, f in picked], ncols)
+        for label, (_, picked) in lowest_seed_runs(root, "grid.png").items()
+    ]

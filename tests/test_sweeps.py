@@ -113,8 +113,9 @@ def test_ddp_inside_a_sweep_runs_each_cell_once(shared_tmp):
     proc = sweep(shared_tmp, "sweep_ddp", "trainer=ddp", "logger=wandb", "method=ours,original",
                  f"paths.cache_dir={shared_tmp / 'cache_ddp'}")  # its own cache: the original trains under DDP too
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stderr.count("Launching 2 jobs") == 1
-    assert proc.stderr.count("training the original mae model") == 1
+    output = proc.stdout + proc.stderr
+    assert output.count("Launching 2 jobs") == 1  # Hydra's line: no child rank started the sweep again
+    assert output.count("training the original mae model") == 1
     rows = collect(shared_tmp / "sweep_ddp")
     assert sorted(r["method"] for r in rows) == ["original", "ours"] and all(r["status"] == "ok" for r in rows)
     for run in (shared_tmp / "sweep_ddp").glob("mae-*"):

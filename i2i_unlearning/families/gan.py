@@ -19,7 +19,9 @@ from ..errors import ConfigError
 
 
 def _init(module: nn.Module) -> None:
-    """DCGAN initialisation: conv weights N(0, 0.02), norm weights N(1, 0.02)."""
+    """DCGAN initialisation: conv weights N(0, 0.02), norm weights N(1, 0.02) (spectral-normed convs keep theirs)."""
+    if nn.utils.parametrize.is_parametrized(module):
+        return
     if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
         nn.init.normal_(module.weight, 0.0, 0.02)
     elif isinstance(module, nn.BatchNorm2d):
@@ -44,18 +46,31 @@ class Generator(nn.Module):
         return (self.net(z[:, :, None, None]) + 1.0) / 2.0
 
 
-class Discriminator(nn.Module):
-    """image (B, C, 32, 32) in [0, 1] -> real/fake logit (B,). No batch norm, so an image's score does not
-    depend on the rest of its batch (the membership-inference audit scores images one by one)."""
+D_NORMS = ("spectral", "batch", "none")
 
-    def __init__(self, width: int, channels: int):
+
+class Discriminator(nn.Module):
+    """image (B, C, 32, 32) in [0, 1] -> real/fake logit (B,): strided convs 32 -> 16 -> 8 -> 4 -> 1.
+
+    ``norm``: ``spectral`` (spectral normalisation of every conv: stable, and an image's score never depends
+    on its batch), ``batch`` (the DCGAN paper's BatchNorm) or ``none``.
+    """
+
+    def __init__(self, width: int, channels: int, norm: str = "batch"):
         super().__init__()
+        if norm not in D_NORMS:
+            raise ConfigError(f"model.d_norm={norm!r}: use one of {', '.join(D_NORMS)}")
         w = width
+        sn = nn.utils.parametrizations.spectral_norm if norm == "spectral" else (lambda m: m)
+
+        def bn(c: int) -> nn.Module:
+            return nn.BatchNorm2d(c) if norm == "batch" else nn.Identity()
+
         self.net = nn.Sequential(
-            nn.Conv2d(channels, w, 4, 2, 1), nn.LeakyReLU(0.2, True),
-            nn.Conv2d(w, w * 2, 4, 2, 1), nn.LeakyReLU(0.2, True),
-            nn.Conv2d(w * 2, w * 4, 4, 2, 1), nn.LeakyReLU(0.2, True),
-            nn.Conv2d(w * 4, 1, 4, 1, 0),
+            sn(nn.Conv2d(channels, w, 4, 2, 1)), nn.LeakyReLU(0.2, True),
+            sn(nn.Conv2d(w, w * 2, 4, 2, 1)), bn(w * 2), nn.LeakyReLU(0.2, True),
+            sn(nn.Conv2d(w * 2, w * 4, 4, 2, 1)), bn(w * 4), nn.LeakyReLU(0.2, True),
+            sn(nn.Conv2d(w * 4, 1, 4, 1, 0)),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -74,7 +89,7 @@ class DCGAN(L.LightningModule):
     family_name = "gan"
 
     def __init__(self, image_size: int = 32, channels: int = 1, latent_dim: int = 100, width: int = 32,
-                 train: dict | None = None, **_: object):
+                 d_norm: str = "batch", train: dict | None = None, **_: object):
         super().__init__()
         if image_size != 32:
             raise ConfigError(f"DCGAN: image_size={image_size}; this DCGAN generates 32x32 images (set data.image_size=32)")
@@ -83,7 +98,7 @@ class DCGAN(L.LightningModule):
         self.image_size, self.channels, self.latent_dim = image_size, channels, latent_dim
         self.train_cfg = dict(train or {})
         self.G = Generator(latent_dim, width, channels)
-        self.D = Discriminator(width, channels)
+        self.D = Discriminator(width, channels, d_norm)
         self.apply(_init)
         self.automatic_optimization = False
         self.fake_target = 0.0  # D's label for the batch's "fake" images (hard 0, or soft)
@@ -106,8 +121,12 @@ class DCGAN(L.LightningModule):
 
     @torch.no_grad()
     def score(self, images: Tensor, batch_size: int = 512) -> Tensor:
-        """D's logit per image (higher = judged real); the membership-inference score."""
-        return torch.cat([self.D(images[i:i + batch_size].to(self.device)) for i in range(0, len(images), batch_size)]).cpu()
+        """D's logit per image, D in eval mode (higher = judged real); the membership-inference score."""
+        was = self.D.training
+        self.D.eval()
+        out = torch.cat([self.D(images[i:i + batch_size].to(self.device)) for i in range(0, len(images), batch_size)])
+        self.D.train(was)
+        return out.cpu()
 
     # ---- training ------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> None:

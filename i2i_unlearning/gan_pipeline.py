@@ -217,7 +217,10 @@ def evaluate_gan(cfg: DictConfig, model: DCGAN, retrain: DCGAN | None, net, data
 
 # ---- the run ----------------------------------------------------------------------------------------
 def run(cfg: DictConfig, run_path: Path, chash: str, logger=None) -> dict:
-    """Execute one GAN run into ``run_path`` and return its metrics.json content."""
+    """Execute one GAN run into ``run_path`` and return its metrics.json content.
+
+    ``logger`` gets the final metrics from the CLI; the GAN stages themselves train without step logging.
+    """
     from .pipeline import (  # the shared feature-net stage (pipeline imports this module)
         datamodule,
         feature_net,
@@ -269,6 +272,7 @@ def run(cfg: DictConfig, run_path: Path, chash: str, logger=None) -> dict:
         "status": "ok", "error": None, "forget_kind": manifest.get("forget_kind", "class"),
         "unlearn_s": unlearn_s, "metrics": metrics, "floors": {},
         "feature_net_test_acc": net_info.get("test_acc"), "original_train_s": original_meta["train_s"],
+        "models": {"original": original_meta, "retrain": retrain_meta},  # the shared recipe and its wall-clock
         "config_hash": chash, "unlearning": {k: v for k, v in info.items() if not isinstance(v, list)},
         "criterion": info.get("criterion"),
     }

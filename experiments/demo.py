@@ -62,7 +62,8 @@ def main() -> int:
     overrides = sys.argv[1:]
     family = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), "mae")
     out = Path("outputs/demo" if family == "mae" else f"outputs/demo_{family}")
-    cmd = [sys.executable, "-m", "i2i_unlearning", "-m", f"method={','.join(METHOD_ORDER)}",
+    i2i_methods = [m for m in METHOD_ORDER if m not in ("fake_label", "cascaded")]  # GAN-only: make demo-gan
+    cmd = [sys.executable, "-m", "i2i_unlearning", "-m", f"method={','.join(i2i_methods)}",
            f"paths.output_dir={out / 'runs'}", *overrides]
     print("+", " ".join(cmd[2:]), flush=True)
     rc = subprocess.call(cmd)

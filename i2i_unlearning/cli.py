@@ -98,6 +98,9 @@ def main(cfg: DictConfig) -> None:
     write_json(run / "metrics.json", result)
     _log_results(logger, run, result)
     m = result["metrics"]
+    if "retain_cos" not in m:  # GAN runs score generated samples, not paired restorations
+        log.info("%s done: %s -> %s", result["method"], ", ".join(f"{k} {v:.3f}" for k, v in m.items()), run)
+        return
     log.info("%s done: retain fid %.3f cos %.3f acc %.3f | forget fid %.3f cos %.3f acc %.3f -> %s",
              result["method"], m["retain_fid"], m["retain_cos"], m["retain_class_acc"],
              m["forget_fid"], m["forget_cos"], m["forget_class_acc"], run)

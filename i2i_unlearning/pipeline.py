@@ -19,7 +19,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from . import checkpointing
+from . import checkpointing, gan_pipeline
 from .atomic import torch_save, write_json, write_text
 from .data.datamodule import ForgetRetainDataModule
 from .data.degrade import fill
@@ -233,6 +233,8 @@ def evaluate(cfg: DictConfig, dm: ForgetRetainDataModule, model: Family, origina
 def run(cfg: DictConfig, run: Path, chash: str, logger=None) -> dict:
     """Execute one configured run into ``run`` and return its metrics.json content."""
     check_config(cfg)
+    if gan_pipeline.check_pairing(cfg) == "gan":  # a GAN is not an image-to-image model: its own run path
+        return gan_pipeline.run(cfg, run, chash, logger)
     method: UnlearningMethod = instantiate(cfg.method)
     patch = instantiate(cfg.model).mask_patch  # a model config that cannot work fails here, before data work
     data_dir = prepare_data(cfg)

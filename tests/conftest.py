@@ -26,7 +26,12 @@ TINY = {
               "model.codebook_size=32", "model.codebook_dim=8", "model.embed_dim=32", "model.depth=1",
               "model.num_heads=2", "model.decoder_dim=32", "model.decoder_depth=1", "model.decoder_heads=2",
               "model.decode_steps=2", "model.train.tokenizer_steps=5"],
+    "gan": ["model.width=8", "model.eval.samples=64", "model.eval.downstream_epochs=1"],
 }
+# GAN methods count rounds and stage steps instead of `steps`.
+TINY_GAN_METHOD = ["method.rounds=2", "method.unlearn_steps=3", "method.learn_steps=3", "method.batch_size=8",
+                   "method.substitute_pool=64", "method.check_samples=32", "method.latent_steps=5"]
+TINY_METHOD = {"cascaded": TINY_GAN_METHOD, "fake_label": TINY_GAN_METHOD}
 
 
 def tiny_overrides(tmp: Path, model: str = "mae", method: str = "ours", extra=(), logger: str = "none",
@@ -34,9 +39,10 @@ def tiny_overrides(tmp: Path, model: str = "mae", method: str = "ours", extra=()
     return [
         "data=synthetic", f"model={model}", f"method={method}", f"logger={logger}",
         f"paths.output_dir={tmp / runs}", f"paths.cache_dir={tmp / 'cache'}",
-        "model.train.epochs=0.5", "model.train.batch_size=16", "model.train.warmup_steps=1",
+        "model.train.epochs=0.5", "model.train.batch_size=16", "++model.train.warmup_steps=1",
         "metrics.feature_net.epochs=1", "metrics.is_splits=2", "metrics.grid_images=4",
-        *(["method.steps=3", "method.batch_size=8"] if method not in ("original", "retrain") else []),
+        *TINY_METHOD.get(method, ["method.steps=3", "method.batch_size=8"] if method not in ("original", "retrain")
+                         else []),
         *TINY.get(model, []), *extra,
     ]
 

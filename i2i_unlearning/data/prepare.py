@@ -50,7 +50,8 @@ def _as_names(value: Sequence[str] | str | None) -> list[str]:
 
 
 def _resolve_classes(
-    source: ImageSource, forget: Sequence[str], retain: Sequence[str], proxy: Sequence[str] | None
+    source: ImageSource, forget: Sequence[str], retain: Sequence[str], proxy: Sequence[str] | None,
+    allow_empty_forget: bool = False,
 ) -> dict[str, list[str]]:
     """Validate the class lists and return them in the source's class order; proxy None = the rest."""
     valid = list(source.class_names)
@@ -63,7 +64,7 @@ def _resolve_classes(
             raise ConfigError(
                 f"unknown class {unknown} in {role}_classes of {source.name}; valid names: {valid}"
             )
-    for role in ("forget", "retain"):
+    for role in ("retain",) if allow_empty_forget else ("forget", "retain"):
         if not lists[role]:
             raise ConfigError(f"{role}_classes is empty; name at least one class of {source.name}: {valid}")
     overlap = set(lists["forget"]) & set(lists["retain"])
@@ -132,6 +133,54 @@ def _select(
     return np.random.default_rng([seed, split_index]).permutation(indices)
 
 
+def _check_item_settings(
+    kind: str, forget_classes: Sequence[str] | None, keys: Sequence[int] | None, count: int | None
+) -> dict | None:
+    """None for class unlearning; for item unlearning the validated {"keys", "count"} of the forget set."""
+    if kind == "class":
+        return None
+    if kind != "item":
+        raise ConfigError(f"data.forget_kind={kind!r}: use 'class' (whole classes) or 'item' (training images)")
+    if _as_names(forget_classes):
+        raise ConfigError(
+            f"data.forget_kind=item forgets training images, not classes, but forget_classes={list(forget_classes)}; "
+            "set data.forget_classes=[] and list the classes in play as retain_classes"
+        )
+    if (keys is None) == (count is None):
+        raise ConfigError(
+            f"data.forget_kind=item needs exactly one of forget_items (image keys) and forget_item_count "
+            f"(a seeded draw); got forget_items={keys}, forget_item_count={count}"
+        )
+    if count is not None and count < 1:
+        raise ConfigError(f"data.forget_item_count={count}: use a positive number of training images")
+    if keys is not None and (not keys or len(set(keys)) != len(keys) or min(keys) < 0):
+        raise ConfigError(f"data.forget_items={list(keys)}: list distinct non-negative image keys (at least one)")
+    return {"keys": None if keys is None else sorted(int(k) for k in keys), "count": count}
+
+
+def _item_split(train: np.ndarray, items: dict, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(forget, retain) indices of the training images `train`: the listed keys, or a seeded draw of `count`.
+
+    Keys are the source's train indices (the shard keys). Retain is every other training image.
+    """
+    if items["keys"] is not None:
+        forget = np.asarray(items["keys"], dtype=np.int64)
+        missing = sorted(set(forget.tolist()) - set(train.tolist()))
+        if missing:
+            raise ConfigError(
+                f"data.forget_items lists keys {missing[:10]} that are not training images of the retained "
+                f"classes (train keys lie in [0, {int(train.max())}]); list keys of training images"
+            )
+    else:
+        if items["count"] >= len(train):
+            raise ConfigError(
+                f"data.forget_item_count={items['count']} leaves no retain images ({len(train)} training images)"
+            )
+        forget = np.random.default_rng([seed, 7919]).choice(train, items["count"], replace=False)
+    is_forget = np.isin(train, forget)
+    return train[is_forget], train[~is_forget]
+
+
 def _is_current(data_dir: Path, hash12: str) -> bool:
     try:
         return load_manifest(data_dir).get("config_hash") == hash12
@@ -150,14 +199,22 @@ def prepare(
     eval_per_class: int | None = None,
     shard_size: int = 2000,
     seed: int = 0,
+    forget_kind: str = "class",
+    forget_items: Sequence[int] | None = None,
+    forget_item_count: int | None = None,
 ) -> Path:
     """Build (or reuse) the data dir `out_root/{source.name}-{hash12}` and return its path.
 
     Train splits come from the source's train split and eval splits from its test split, capped per
     class by a seeded draw and zero-padded to image_size. Shard labels are the source's class indices.
+    `forget_kind="item"` forgets training images instead of classes (see `_item_split`).
     Everything is validated before any image is loaded.
     """
-    classes = _resolve_classes(source, forget_classes, retain_classes, proxy_classes)
+    items = _check_item_settings(forget_kind, forget_classes, forget_items, forget_item_count)
+    if items is None:
+        classes = _resolve_classes(source, forget_classes, retain_classes, proxy_classes)
+    else:  # item unlearning: every named class is retained, the forget set is a set of its images
+        classes = _resolve_classes(source, [], retain_classes, proxy_classes, allow_empty_forget=True)
     _check_sizes(source, image_size, train_per_class, eval_per_class, shard_size, seed)
     config = {
         "format": FORMAT_VERSION,
@@ -169,6 +226,8 @@ def prepare(
         "shard_size": shard_size,
         "seed": seed,
     }
+    if items is not None:  # class-kind configs keep the hash they always had
+        config["forget_items"] = items
     hash12 = stable_hash(config)
     out_root = Path(out_root)
     data_dir = out_root / f"{source.name}-{hash12}"
@@ -184,7 +243,9 @@ def prepare(
     out_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}.tmp-", dir=out_root))
     try:
-        manifest = _build(source, tmp, classes, image_size, train_per_class, eval_per_class, shard_size, seed)
+        manifest = _build(
+            source, tmp, classes, image_size, train_per_class, eval_per_class, shard_size, seed, items
+        )
         manifest["config_hash"] = hash12
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         try:
@@ -208,6 +269,7 @@ def _build(
     eval_per_class: int | None,
     shard_size: int,
     seed: int,
+    items: dict | None = None,
 ) -> dict:
     """Load the source, write every split's shards into out_dir and return the manifest (without hash)."""
     names = list(source.class_names)
@@ -216,11 +278,18 @@ def _build(
         images, labels = source.load(source_split)
         part = "train" if source_split == "train" else "eval"
         cap = train_per_class if part == "train" else eval_per_class
+        chosen = {
+            role: _select(
+                labels, [names.index(n) for n in classes[role]], cap, seed, SPLIT_NAMES.index(f"{role}_{part}")
+            )
+            for role in ROLES
+        }
+        if items is not None and part == "train":
+            chosen["forget"], chosen["retain"] = _item_split(chosen["retain"], items, seed)
+            forget_keys = sorted(int(k) for k in chosen["forget"])
         for role in ROLES:
             split = f"{role}_{part}"
-            indices = _select(
-                labels, [names.index(n) for n in classes[role]], cap, seed, SPLIT_NAMES.index(split)
-            )
+            indices = chosen[role]
             split_labels = labels[indices]
             shards = write_shards(
                 out_dir,
@@ -232,7 +301,10 @@ def _build(
             )
             splits[split] = {
                 "count": int(len(indices)),
-                "classes": {n: int(np.sum(split_labels == names.index(n))) for n in classes[role]},
+                "classes": {
+                    n: int(np.sum(split_labels == names.index(n)))
+                    for n in (classes["retain"] if items is not None and role == "forget" else classes[role])
+                },
                 "shards": shards,
             }
     return {
@@ -245,4 +317,5 @@ def _build(
         "proxy_classes": classes["proxy"],
         "splits": {split: splits[split] for split in SPLIT_NAMES},
         "seed": seed,
+        **({} if items is None else {"forget_kind": "item", "forget_items": forget_keys}),
     }

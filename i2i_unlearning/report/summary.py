@@ -41,6 +41,8 @@ METHOD_ORDER = (
     "noisy_label",
     "retain_label",
     "random_encoder",
+    "fake_label",
+    "cascaded",
 )
 REFERENCE = "original"
 # Markdown columns: metric, then the comparison to the original (ratio "_x" or difference "_d").

@@ -26,6 +26,8 @@ TINY = {
               "model.codebook_size=32", "model.codebook_dim=8", "model.embed_dim=32", "model.depth=1",
               "model.num_heads=2", "model.decoder_dim=32", "model.decoder_depth=1", "model.decoder_heads=2",
               "model.decode_steps=2", "model.train.tokenizer_steps=5"],
+    "diffusion": ["model.block_channels=[8,16]", "model.attention=[false,true]", "model.norm_groups=4",
+                  "model.attention_head_dim=4", "model.sample_steps=2"],
 }
 
 

@@ -34,6 +34,10 @@ demo: setup ## run every method on MAE / Fashion-MNIST and print outputs/demo/su
 demo-vqgan: setup ## the same sweep on the VQ-GAN family into outputs/demo_vqgan (longer than the MAE demo)
 	$(BIN)/python experiments/demo.py model=vqgan
 
+.PHONY: demo-diffusion
+demo-diffusion: setup ## the same sweep on the diffusion family into outputs/demo_diffusion (DDIM sampling: slow eval)
+	$(BIN)/python experiments/demo.py model=diffusion experiment=diffusion_demo
+
 test: setup ## run the test suite (CPU, tiny sizes)
 	$(BIN)/python -m pytest -q tests
 

@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 export WANDB_SILENT := true
 
-.PHONY: help setup data demo demo-vqgan demo-gan test sweep lint clean
+.PHONY: help setup data demo demo-vqgan demo-diffusion demo-gan test sweep lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-10s %s\n", $$1, $$2}'
@@ -44,6 +44,9 @@ demo-vqgan: setup ## the same sweep on the VQ-GAN family into outputs/demo_vqgan
 
 demo-gan: setup ## GAN cascaded unlearning on MNIST (class and item) into outputs/demo_gan
 	$(BIN)/python experiments/demo_gan.py
+
+demo-diffusion: setup ## the same sweep on the diffusion family into outputs/demo_diffusion (DDIM sampling: slow eval)
+	$(BIN)/python experiments/demo.py model=diffusion experiment=diffusion_demo
 
 test: setup ## run the test suite (CPU, tiny sizes)
 	$(BIN)/python -m pytest -q tests

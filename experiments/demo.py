@@ -2,7 +2,8 @@
 then the summary table, then the paper's effect checked on the numbers (ours vs original).
 
 Extra Hydra overrides are passed through: `python experiments/demo.py method.steps=50`;
-`model=vqgan` runs the VQ-GAN sweep into outputs/demo_vqgan (`make demo-vqgan`).
+`model=vqgan` runs the VQ-GAN sweep into outputs/demo_vqgan (`make demo-vqgan`); `model=diffusion
+experiment=diffusion_demo` the diffusion sweep into outputs/demo_diffusion (`make demo-diffusion`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ CHECKS = {
         ("retain_cos", "drop <= 0.01", lambda o, b: b - o <= 0.01),
         ("retain_class_acc", "drop <= 0.06", lambda o, b: b - o <= 0.06),
     ],
+    "diffusion": [
+        ("forget_fid", "ratio >= 1.50", lambda o, b: o / b >= 1.50),
+        ("forget_cos", "drop >= 0.008", lambda o, b: b - o >= 0.008),
+        ("retain_cos", "drop <= 0.005", lambda o, b: b - o <= 0.005),
+        ("retain_class_acc", "drop <= 0.06", lambda o, b: b - o <= 0.06),
+    ],
 }
 
 
@@ -42,7 +49,7 @@ def check_effect(csv_path: Path, family: str) -> bool:
         return False
     ok = True
     print(f"\nThe paper's effect on {family}, ours vs original (centre-hole inpainting, half side):")
-    if family == "vqgan":  # the rise of forget FID must dwarf the rise of retain FID
+    if family in ("vqgan", "diffusion"):  # the rise of forget FID must dwarf the rise of retain FID
         rise = {k: float(rows["ours"][k]) - float(rows["original"][k]) for k in ("forget_fid", "retain_fid")}
         good = rise["forget_fid"] >= 4 * max(rise["retain_fid"], 0.0)
         ok &= good

@@ -27,6 +27,8 @@ TINY = {
               "model.num_heads=2", "model.decoder_dim=32", "model.decoder_depth=1", "model.decoder_heads=2",
               "model.decode_steps=2", "model.train.tokenizer_steps=5"],
     "gan": ["model.width=8", "model.eval.samples=64", "model.eval.downstream_epochs=1"],
+    "diffusion": ["model.block_channels=[8,16]", "model.attention=[false,true]", "model.norm_groups=4",
+                  "model.attention_head_dim=4", "model.sample_steps=2"],
 }
 # GAN methods count rounds and stage steps instead of `steps`.
 TINY_GAN_METHOD = ["method.rounds=2", "method.unlearn_steps=3", "method.learn_steps=3", "method.batch_size=8",

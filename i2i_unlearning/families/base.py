@@ -10,7 +10,10 @@ are made) and it exposes the hooks the methods need:
 * ``predict(image, mask)``      -- the model's prediction, in the same space as the target;
 * ``task_loss(image, mask, target=None)`` -- its own training loss, optionally against a
   substituted target (a ``target_of`` or ``predict`` output of other images);
-* ``restore(image, mask)``      -- the generated output image, known pixels kept.
+* ``restore(image, mask)``      -- the generated output image, known pixels kept;
+* ``sample_state(image, mask)`` -- the randomness of one training input (a diffusion model's
+  timestep and noise), or None for deterministic families. ``embed``, ``predict`` and
+  ``task_loss`` take it as ``state=``, so a method can show student and teacher the same draw.
 
 Masks are float tensors (B,1,H,W) with 1 = missing pixel (to be generated), 0 = known.
 Images are float tensors (B,C,H,W) in [0, 1].
@@ -59,7 +62,11 @@ class Family(L.LightningModule):
         """Names (as in ``named_parameters``) of the parameters that form the encoder."""
         raise NotImplementedError
 
-    def embed(self, image: Tensor, mask: Tensor) -> Embedding:
+    def sample_state(self, image: Tensor, mask: Tensor) -> Any:
+        """The random state of a training input for this batch (None: the family has none)."""
+        return None
+
+    def embed(self, image: Tensor, mask: Tensor, state: Any = None) -> Embedding:
         """Encoder embedding(s) of the degraded image T(image); may be a list of tensors."""
         raise NotImplementedError
 
@@ -67,11 +74,11 @@ class Family(L.LightningModule):
         """The task's ground-truth target for ``image`` (pixels by default)."""
         return image
 
-    def predict(self, image: Tensor, mask: Tensor) -> Tensor:
+    def predict(self, image: Tensor, mask: Tensor, state: Any = None) -> Tensor:
         """The model's raw prediction for T(image), in the space of ``target_of``."""
         raise NotImplementedError
 
-    def task_loss(self, image: Tensor, mask: Tensor, target: Tensor | None = None) -> Tensor:
+    def task_loss(self, image: Tensor, mask: Tensor, target: Tensor | None = None, state: Any = None) -> Tensor:
         """The family's own training loss on T(image); ``target`` replaces ``target_of(image)``."""
         raise NotImplementedError
 

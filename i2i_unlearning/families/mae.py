@@ -134,14 +134,14 @@ class MAE(Family):
         return torch.einsum("bhwpqc->bchpwq", x).reshape(-1, c, g * p, g * p)
 
     # ---- the family contract -----------------------------------------------------------
-    def embed(self, image: Tensor, mask: Tensor) -> Tensor:
+    def embed(self, image: Tensor, mask: Tensor, state=None) -> Tensor:
         return self._encode(image, self._visible_ids(mask))
 
-    def predict(self, image: Tensor, mask: Tensor) -> Tensor:
+    def predict(self, image: Tensor, mask: Tensor, state=None) -> Tensor:
         ids_keep = self._visible_ids(mask)
         return self._decode(self._encode(image, ids_keep), ids_keep)
 
-    def task_loss(self, image: Tensor, mask: Tensor, target: Tensor | None = None) -> Tensor:
+    def task_loss(self, image: Tensor, mask: Tensor, target: Tensor | None = None, state=None) -> Tensor:
         target = self.target_of(image) if target is None else target
         err = (self.predict(image, mask) - target) ** 2
         missing = F.max_pool2d(mask, self.patch_size)  # (B,1,g,g): loss on missing patches only

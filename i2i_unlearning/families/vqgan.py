@@ -324,7 +324,7 @@ class VQGAN(Family):
         return self._decode(self._encode(ids, keep), keep)
 
     # ---- the family contract ---------------------------------------------------------------
-    def embed(self, image: Tensor, mask: Tensor) -> Tensor:
+    def embed(self, image: Tensor, mask: Tensor, state=None) -> Tensor:
         """Encoder output on [CLS] + kept tokens: (B, 1 + n_kept, embed_dim)."""
         return self._encode(self._input_tokens(image, mask), self._kept_positions(self.token_missing(mask)))
 
@@ -332,11 +332,11 @@ class VQGAN(Family):
         """Token ids (B, L) of the clean image."""
         return self.tokenize(image)
 
-    def predict(self, image: Tensor, mask: Tensor) -> Tensor:
+    def predict(self, image: Tensor, mask: Tensor, state=None) -> Tensor:
         """Token-id logits (B, L, codebook_size) at every position."""
         return self._logits(self._input_tokens(image, mask), self.token_missing(mask))
 
-    def task_loss(self, image: Tensor, mask: Tensor, target: Tensor | None = None) -> Tensor:
+    def task_loss(self, image: Tensor, mask: Tensor, target: Tensor | None = None, state=None) -> Tensor:
         """Cross-entropy on missing tokens against token ids (B,L) (hard, label-smoothed) or
         against softmax of logits (B,L,V) (soft, e.g. a teacher's ``predict``)."""
         target = self.target_of(image) if target is None else target

@@ -32,6 +32,12 @@ def _map(fn, emb: Embedding) -> Embedding:
     return fn(emb) if isinstance(emb, Tensor) else [fn(e) for e in emb]
 
 
+def draw_state(student: Family, batch: dict):
+    """One random state (e.g. a diffusion timestep and noise) for ``batch``, drawn once and given to
+    the student and the teacher alike, so both see the same noisy input."""
+    return student.sample_state(batch["image"], batch["mask"])
+
+
 class UnlearningMethod:
     """Base class: a named loss over (forget, retain) batches plus what it trains."""
 
@@ -98,11 +104,12 @@ class Ours(UnlearningMethod):
     encoder_only = True
 
     def loss(self, student, teacher, forget, retain):
+        sr, sf = draw_state(student, retain), draw_state(student, forget)
         with torch.no_grad():
-            r_target = teacher.embed(retain["image"], retain["mask"])
-            f_target = teacher.embed(self.noise_like(forget["image"]), forget["mask"])
-        r = embedding_mse(student.embed(retain["image"], retain["mask"]), r_target)
-        f = embedding_mse(student.embed(forget["image"], forget["mask"]), f_target)
+            r_target = teacher.embed(retain["image"], retain["mask"], state=sr)
+            f_target = teacher.embed(self.noise_like(forget["image"]), forget["mask"], state=sf)
+        r = embedding_mse(student.embed(retain["image"], retain["mask"], state=sr), r_target)
+        f = embedding_mse(student.embed(forget["image"], forget["mask"], state=sf), f_target)
         return {"loss": r + self.alpha * f, "retain": r, "forget": f}
 
 
@@ -112,12 +119,13 @@ class RandomEncoder(UnlearningMethod):
     encoder_only = True
 
     def loss(self, student, teacher, forget, retain):
+        sr, sf = draw_state(student, retain), draw_state(student, forget)
         with torch.no_grad():
-            r_target = teacher.embed(retain["image"], retain["mask"])
-            f_teacher = teacher.embed(forget["image"], forget["mask"])
+            r_target = teacher.embed(retain["image"], retain["mask"], state=sr)
+            f_teacher = teacher.embed(forget["image"], forget["mask"], state=sf)
             f_target = _map(lambda t: torch.randn_like(t) * t.std() + t.mean(), f_teacher)
-        r = embedding_mse(student.embed(retain["image"], retain["mask"]), r_target)
-        f = embedding_mse(student.embed(forget["image"], forget["mask"]), f_target)
+        r = embedding_mse(student.embed(retain["image"], retain["mask"], state=sr), r_target)
+        f = embedding_mse(student.embed(forget["image"], forget["mask"], state=sf), f_target)
         return {"loss": r + self.alpha * f, "retain": r, "forget": f}
 
 
@@ -146,12 +154,13 @@ class RetainLabel(UnlearningMethod):
 
     def loss(self, student, teacher, forget, retain):
         xr, mr, xf, mf = retain["image"], retain["mask"], forget["image"], forget["mask"]
+        sr, sf = draw_state(student, retain), draw_state(student, forget)
         with torch.no_grad():
-            r_target = teacher.predict(xr, mr)
+            r_target = teacher.predict(xr, mr, state=sr)
             others = xr[torch.arange(xf.shape[0], device=xr.device) % xr.shape[0]]
-            f_target = teacher.predict(others, mf)
-        r = student.task_loss(xr, mr, target=r_target)
-        f = student.task_loss(xf, mf, target=f_target)
+            f_target = teacher.predict(others, mf, state=sf)
+        r = student.task_loss(xr, mr, target=r_target, state=sr)
+        f = student.task_loss(xf, mf, target=f_target, state=sf)
         return {"loss": r + self.alpha * f, "retain": r, "forget": f}
 
 

@@ -13,6 +13,8 @@ from i2i_unlearning.runs import config_hash, run_dir
 
 REQUIRED = ["retain_fid", "retain_is", "retain_cos", "forget_fid", "forget_is", "forget_cos",
             "retain_class_acc", "forget_class_acc"]
+AUDIT = [f"{split}_{name}" for split in ("retain", "forget")
+         for name in ("mia_auc", "mia_auc_err", "mia_auc_emb", "kl", "mi", "mi_nce")]
 
 
 def test_every_method_config_is_discovered():
@@ -29,7 +31,7 @@ def test_contract_every_family_runs_every_method(shared_tmp, model, method):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "ok", metrics.get("error")
     assert metrics["method"] == method and metrics["family"] == model
-    for key in REQUIRED:
+    for key in REQUIRED + AUDIT:
         assert key in metrics["metrics"] and metrics["metrics"][key] == metrics["metrics"][key]  # not NaN
     for name in ("config.yaml", "checkpoint.pt", "grid.png"):
         assert (run / name).exists(), name

@@ -201,7 +201,7 @@ def distance_to_retrain(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     * `s_k_rt_d` = value - retrain's value (signed);
     * the normalised gap |value - retrain's| / scale_k, where scale_k = max(|original - retrain| on forget,
-      |original - retrain| on retain) for that metric: the way the original model has to go, so 1 means
+      |original - retrain| on retain) for that metric (of the splits both report): the way the original model has to go, so 1 means
       "as far from retrain as the untouched original" and the score does not depend on the other rows.
       A metric with a zero or missing scale is left out;
     * `s_dist_to_retrain` = the mean normalised gap over the split's metrics; `dist_to_retrain` = the mean
@@ -221,7 +221,7 @@ def distance_to_retrain(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             ref = {s: _number(target.get(f"{s}_{metric}")) if target else None for s in gaps}
             orig = {s: _number(start.get(f"{s}_{metric}")) if start else None for s in gaps}
             spans = [abs(orig[s] - ref[s]) for s in gaps if orig[s] is not None and ref[s] is not None]
-            scale = max(spans) if len(spans) == len(gaps) else 0.0
+            scale = max(spans, default=0.0)
             for split in gaps:
                 value = _number(row.get(f"{split}_{metric}"))
                 usable = value is not None and ref[split] is not None

@@ -26,6 +26,7 @@ from .data.degrade import fill
 from .data.prepare import prepare
 from .errors import ConfigError
 from .families.base import Family, StageContext
+from .metrics.audit import membership_audit, sample_scores
 from .metrics.evaluate import SplitScorer, class_acc
 from .metrics.features import load_or_train_feature_net
 from .report.figures import save_grid
@@ -192,25 +193,43 @@ def unlearn(cfg: DictConfig, data_dir: Path, start: Family, method: UnlearningMe
 
 
 @torch.no_grad()
+def member_scores(cfg: DictConfig, dm: ForgetRetainDataModule, model: Family, original: Family, split: str,
+                  task: str, n: int) -> torch.Tensor:
+    """Membership scores (``audit.sample_scores``) of the first ``n`` images of a training split."""
+    gen = torch.Generator().manual_seed(cfg.seed + 1)  # a stream of its own: eval outputs stay as they were
+    scores = []
+    for b in dm.eval_batches(split, task, batch_size=cfg.metrics.eval_batch_size, limit=n):
+        x, m = b["image"], b["mask"]
+        scores.append(sample_scores(model, original, x, m, model.restore(x, m, generator=gen)))
+    return torch.cat(scores)
+
+
+@torch.no_grad()
 def evaluate(cfg: DictConfig, dm: ForgetRetainDataModule, model: Family, original: Family, net) -> tuple[dict, dict, dict]:
     """Restore the eval images of each split and score outputs against their ground truth.
 
     Returns (metrics, floors, grid rows). Floors: class accuracy of the degraded input
-    with the hole filled grey / with noise, the level the table is read against.
+    with the hole filled grey / with noise, the level the table is read against. With
+    ``metrics.audit``: KL / MI per split and task, and on the headline task the membership audit,
+    <split>_train images (members of the original, as many as eval images) against <split>_eval.
     """
     metrics, floors, grid = {}, {}, {}
     gen = torch.Generator().manual_seed(cfg.seed)
     k = cfg.metrics.grid_images
+    audit = bool(cfg.metrics.get("audit", False))
     for task in [cfg.task, *cfg.extra_tasks]:
         prefix = "" if task == cfg.task else f"{task}_"
         for split in ("retain", "forget"):
-            scorer = SplitScorer(net, is_splits=cfg.metrics.is_splits)
+            scorer = SplitScorer(net, is_splits=cfg.metrics.is_splits, audit=audit)
             grey_hits = noise_hits = n = 0
+            nonmembers = []
             for b in dm.eval_batches(f"{split}_eval", task, batch_size=cfg.metrics.eval_batch_size,
                                      limit=cfg.metrics.eval_limit):
                 x, m, y = b["image"], b["mask"], b["label"]
                 out = model.restore(x, m, generator=gen)
                 scorer.update(out, x, y)
+                if audit and not prefix:
+                    nonmembers.append(sample_scores(model, original, x, m, out))
                 if not prefix:
                     grey_hits += class_acc(net, fill(x, m, "grey"), y) * len(y)
                     noise_hits += class_acc(net, fill(x, m, "noise"), y) * len(y)
@@ -223,6 +242,11 @@ def evaluate(cfg: DictConfig, dm: ForgetRetainDataModule, model: Family, origina
                         grid[f"{split}: {cfg.method.name}"] = out[:k]
             for name, value in scorer.compute().items():
                 metrics[f"{prefix}{split}_{name}"] = float(value)
+            if nonmembers:
+                nonmembers = torch.cat(nonmembers)
+                members = member_scores(cfg, dm, model, original, f"{split}_train", task, len(nonmembers))
+                for name, value in membership_audit(members, nonmembers, seed=cfg.seed).items():
+                    metrics[f"{split}_{name}"] = value
             if not prefix:
                 floors[f"{split}_class_acc_grey"] = grey_hits / max(n, 1)
                 floors[f"{split}_class_acc_noise"] = noise_hits / max(n, 1)

@@ -26,6 +26,8 @@ def _kind(model: str, method: str) -> str | None:
 
 
 PAIRS = [(mo, me, k) for mo in MODELS for me in METHODS if (k := _kind(mo, me))]
+AUDIT = [f"{split}_{name}" for split in ("retain", "forget")
+         for name in ("mia_auc", "mia_auc_err", "mia_auc_emb", "kl", "mi", "mi_nce")]
 
 
 def test_every_method_config_is_discovered():
@@ -41,7 +43,7 @@ def test_contract_every_family_runs_every_method(shared_tmp, model, method, kind
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "ok", metrics.get("error")
     assert metrics["method"] == method and metrics["family"] == model
-    for key in GAN_REQUIRED if kind == "gan" else REQUIRED:
+    for key in GAN_REQUIRED if kind == "gan" else REQUIRED + AUDIT:
         assert key in metrics["metrics"] and metrics["metrics"][key] == metrics["metrics"][key]  # not NaN
     for name in ("config.yaml", "checkpoint.pt", "grid.png"):
         assert (run / name).exists(), name

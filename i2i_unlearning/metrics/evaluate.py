@@ -16,6 +16,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 
 from i2i_unlearning.errors import ConfigError, DataError
+from i2i_unlearning.metrics.audit import InfoNCE, PairedMoments
 from i2i_unlearning.metrics.features import FeatureModel
 
 
@@ -132,11 +133,16 @@ class SplitScorer:
     """Streaming scores of one split (retain or forget): restored outputs against their ground truth.
 
     `compute()` gives fid (ground truth = real, outputs = fake), is (of the outputs), cos (mean paired
-    cosine of embeddings), class_acc (outputs classified as their true label) and n. Memory stays flat
-    in the number of images apart from IS's K logits per image. Runs in one process (no DDP sync).
+    cosine of embeddings), class_acc (outputs classified as their true label) and n. With `audit=True`
+    also kl (KL of the Gaussian fits of output vs ground-truth embeddings), mi (Gaussian mutual information
+    of each output's embedding and its ground truth's), both in the ground truth's top principal
+    directions, and mi_nce (InfoNCE lower bound on the whole embedding), see `audit.py`.
+    Memory stays flat in the number of images apart from IS's K logits per image. Runs in one process
+    (no DDP sync).
     """
 
-    def __init__(self, net: FeatureModel, device: str | torch.device = "cpu", is_splits: int = 10) -> None:
+    def __init__(self, net: FeatureModel, device: str | torch.device = "cpu", is_splits: int = 10,
+                 audit: bool = False) -> None:
         self.device = torch.device(device)
         self.features = BatchFeatures(net).to(self.device)
         self.is_splits = is_splits
@@ -145,6 +151,7 @@ class SplitScorer:
         self._cos_sum = 0.0
         self._correct = 0
         self._n = 0
+        self._moments, self._nce = (PairedMoments(), InfoNCE()) if audit else (None, None)
 
     @torch.no_grad()
     def update(self, outputs: Tensor, ground_truth: Tensor, labels: Tensor) -> None:
@@ -164,9 +171,12 @@ class SplitScorer:
         self._cos_sum += float(F.cosine_similarity(emb_out, emb_gt, dim=1).double().sum())
         self._correct += int((logits.argmax(dim=1).cpu() == labels.cpu()).sum())
         self._n += int(labels.numel())
+        if self._moments is not None:
+            self._moments.update(emb_out, emb_gt)
+            self._nce.update(emb_out, emb_gt)
 
     def compute(self) -> dict[str, float | int]:
-        """{"fid", "is", "cos", "class_acc", "n"} over everything seen so far."""
+        """{"fid", "is", "cos", "class_acc", "n"} (+ "kl", "mi", "mi_nce" when auditing) over everything seen."""
         if self._n < 2:
             raise DataError(
                 f"SplitScorer saw {self._n} image(s); FID needs at least 2 per split: enlarge the eval split"
@@ -175,13 +185,16 @@ class SplitScorer:
             # FID is a squared distance; tiny negatives are eigenvalue round-off.
             fid = max(float(self._fid.compute()), 0.0)
             inception = inception_score_mean(self._is, self.is_splits)
-        return {
+        scores = {
             "fid": fid,
             "is": inception,
             "cos": self._cos_sum / self._n,
             "class_acc": self._correct / self._n,
             "n": self._n,
         }
+        if self._moments is not None:
+            scores.update(kl=self._moments.kl(), mi=self._moments.mi(), mi_nce=self._nce.compute())
+        return scores
 
 
 @torch.no_grad()

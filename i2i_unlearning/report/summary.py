@@ -70,6 +70,22 @@ FLOOR_KEYS = (
     "retain_class_acc_grey",
     "retain_class_acc_noise",
 )
+# Distance to retrain: the metrics (per split) whose gap to the retrain model is scored, and the audit table.
+RETRAIN = "retrain"
+GAP_METRICS = ("fid", "cos", "class_acc", "mia_auc", "kl", "mi")
+AUDIT_MD = (
+    "forget_mia_auc",
+    "retain_mia_auc",
+    "forget_kl",
+    "retain_kl",
+    "forget_mi",
+    "retain_mi",
+    "forget_mi_nce",
+    "retain_mi_nce",
+    "forget_dist_to_retrain",
+    "retain_dist_to_retrain",
+    "dist_to_retrain",
+)
 _IDENTITY = ("family", "method", "dataset", "seed", "status", "error")
 _UNNESTED = ("metrics", "floors")
 
@@ -175,6 +191,53 @@ def compare_to_original(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def distance_to_retrain(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Copies of `rows` with their distance to the retrain model (the target of unlearning).
+
+    References: the ok retrain and original rows of the same family, dataset and seed (or the only ok one
+    of that family and dataset). For each split s (forget, retain) and metric k of `GAP_METRICS`:
+
+    * `s_k_rt_d` = value - retrain's value (signed);
+    * the normalised gap |value - retrain's| / scale_k, where scale_k = max(|original - retrain| on forget,
+      |original - retrain| on retain) for that metric (of the splits both report): the way the original model has to go, so 1 means
+      "as far from retrain as the untouched original" and the score does not depend on the other rows.
+      A metric with a zero or missing scale is left out;
+    * `s_dist_to_retrain` = the mean normalised gap over the split's metrics; `dist_to_retrain` = the mean
+      over both splits' gaps, the one number that ranks methods (0 = retrain itself; lower is better).
+
+    Without both references (or any usable metric) the columns are None.
+    """
+    ok = [r for r in rows if r.get("status") == "ok"]
+    retrains = [r for r in ok if r.get("method") == RETRAIN]
+    originals = [r for r in ok if r.get("method") == REFERENCE]
+    out = []
+    for row in rows:
+        new = dict(row)
+        target, start = _reference(row, retrains), _reference(row, originals)
+        gaps: dict[str, list[float]] = {"forget": [], "retain": []}
+        for metric in GAP_METRICS:
+            ref = {s: _number(target.get(f"{s}_{metric}")) if target else None for s in gaps}
+            orig = {s: _number(start.get(f"{s}_{metric}")) if start else None for s in gaps}
+            spans = [abs(orig[s] - ref[s]) for s in gaps if orig[s] is not None and ref[s] is not None]
+            scale = max(spans, default=0.0)
+            for split in gaps:
+                value = _number(row.get(f"{split}_{metric}"))
+                usable = value is not None and ref[split] is not None
+                new[f"{split}_{metric}_rt_d"] = value - ref[split] if usable else None
+                if usable and scale > 0:
+                    gaps[split].append(abs(value - ref[split]) / scale)
+        for split, values in gaps.items():
+            new[f"{split}_dist_to_retrain"] = sum(values) / len(values) if values else None
+        both = gaps["forget"] + gaps["retain"]
+        new["dist_to_retrain"] = sum(both) / len(both) if both else None
+        out.append(new)
+    return out
+
+
 def _cell(value: Any, decimals: int = 3) -> str:
     if value is None:
         return "-"
@@ -183,14 +246,33 @@ def _cell(value: Any, decimals: int = 3) -> str:
     return str(value).replace("|", "\\|")
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """A markdown table of the runs: identity, retain / forget metrics, and the comparison to the original."""
-    header = ["family", "method", "dataset", "seed", "status", *MD_METRICS, *COMPARISONS, "unlearn_s"]
+def _markdown(header: list[str], rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in compare_to_original(rows):
+    for row in rows:
         cells = [_cell(row.get(key), 1 if key == "unlearn_s" else 3) for key in header]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A markdown table of the runs: identity, retain / forget metrics, and the comparison to the original."""
+    header = ["family", "method", "dataset", "seed", "status", *MD_METRICS, *COMPARISONS, "unlearn_s"]
+    return _markdown(header, compare_to_original(rows))
+
+
+def format_audit_table(rows: list[dict[str, Any]]) -> str | None:
+    """A markdown table of the audits and the distance to retrain, ranked (closest to retrain first)
+    within each family, dataset and seed; None when no ok row carries an audit column."""
+    ranked = [r for r in distance_to_retrain(rows) if r.get("status") == "ok"]
+    if not any(r.get(key) is not None for r in ranked for key in AUDIT_MD):
+        return None
+    def key(row: dict[str, Any]) -> tuple:
+        family, _, _, dataset, seed, _ = _sort_key(row)
+        dist = row.get("dist_to_retrain")
+        return family, dataset, seed, math.inf if dist is None else dist
+
+    ranked.sort(key=key)
+    return _markdown(["family", "method", "dataset", "seed", *AUDIT_MD], ranked)
 
 
 def _floors(rows: list[dict[str, Any]]) -> list[str]:
@@ -221,12 +303,23 @@ def format_markdown(rows: list[dict[str, Any]]) -> str:
         "- `*_fid_x`: FID / the original's FID (same family, dataset, seed); `*_d`: value minus the original's.",
         *_floors(rows),
     ]
+    audits = format_audit_table(rows)
+    audit_legend = [
+        "- `*_mia_auc`: cross-validated AUC of a membership attack telling <split>_train images (seen by the",
+        "  original) from <split>_eval images; `*_kl`: KL(outputs || ground truth) of Gaussian fits of their",
+        "  features; `*_mi`: Gaussian mutual information of each output's features and its ground truth's",
+        "  (`*_mi_nce`: InfoNCE lower bound). The target is retrain's value, not 0.5 or 0.",
+        "- `dist_to_retrain`: mean over the forget and retain fid, cos, class_acc, mia_auc, kl, mi of",
+        "  |value - retrain's| / |original's - retrain's| (the larger split's); 1 = as far as the original.",
+    ]
     failed = [
         f"- {row['run_dir']}: {' '.join(str(row.get('error') or 'no error recorded').split())[:300]}"
         for row in rows
         if row.get("status") != "ok"
     ]
     parts = ["# Summary", "", format_table(rows), "", *legend]
+    if audits:
+        parts += ["", "## Audits and distance to retrain (closest to retrain first)", "", audits, "", *audit_legend]
     if failed:
         parts += ["", "## Failed runs", "", *failed]
     return "\n".join(parts) + "\n"
@@ -246,7 +339,7 @@ def write_summary(root: Path, out_dir: Path | None = None) -> tuple[Path, Path]:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"report: {root} is not a directory; pass the sweep dir that holds the run dirs")
-    rows = collect(root)
+    rows = distance_to_retrain(collect(root))
     if not rows:
         raise DataError(f"report: no metrics.json below {root}; pass a sweep dir whose runs have finished")
     out_dir = Path(out_dir) if out_dir is not None else root

@@ -15,12 +15,13 @@ import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from . import checkpointing, gan_pipeline
-from .atomic import torch_save, write_json, write_text
+from .atomic import torch_save, write_atomic, write_json, write_text
 from .data.datamodule import ForgetRetainDataModule
 from .data.degrade import fill
 from .data.prepare import prepare
@@ -205,22 +206,25 @@ def member_scores(cfg: DictConfig, dm: ForgetRetainDataModule, model: Family, or
 
 
 @torch.no_grad()
-def evaluate(cfg: DictConfig, dm: ForgetRetainDataModule, model: Family, original: Family, net) -> tuple[dict, dict, dict]:
+def evaluate(cfg: DictConfig, dm: ForgetRetainDataModule, model: Family, original: Family,
+             net) -> tuple[dict, dict, dict, dict]:
     """Restore the eval images of each split and score outputs against their ground truth.
 
-    Returns (metrics, floors, grid rows). Floors: class accuracy of the degraded input
+    Returns (metrics, floors, grid rows, embeddings): embeddings are the feature-network embeddings of
+    the first ``metrics.tsne_points`` outputs and ground truths per split (the report's t-SNE). Floors: class accuracy of the degraded input
     with the hole filled grey / with noise, the level the table is read against. With
     ``metrics.audit``: KL / MI per split and task, and on the headline task the membership audit,
     <split>_train images (members of the original, as many as eval images) against <split>_eval.
     """
-    metrics, floors, grid = {}, {}, {}
+    metrics, floors, grid, embeddings = {}, {}, {}, {}
     gen = torch.Generator().manual_seed(cfg.seed)
     k = cfg.metrics.grid_images
     audit = bool(cfg.metrics.get("audit", False))
     for task in [cfg.task, *cfg.extra_tasks]:
         prefix = "" if task == cfg.task else f"{task}_"
         for split in ("retain", "forget"):
-            scorer = SplitScorer(net, is_splits=cfg.metrics.is_splits, audit=audit)
+            scorer = SplitScorer(net, is_splits=cfg.metrics.is_splits, audit=audit,
+                                 keep_embeddings=0 if prefix else cfg.metrics.get("tsne_points", 0))
             grey_hits = noise_hits = n = 0
             nonmembers = []
             for b in dm.eval_batches(f"{split}_eval", task, batch_size=cfg.metrics.eval_batch_size,
@@ -242,6 +246,7 @@ def evaluate(cfg: DictConfig, dm: ForgetRetainDataModule, model: Family, origina
                         grid[f"{split}: {cfg.method.name}"] = out[:k]
             for name, value in scorer.compute().items():
                 metrics[f"{prefix}{split}_{name}"] = float(value)
+            embeddings.update({f"{split}_{k}": v.numpy() for k, v in scorer.embeddings().items()})
             if nonmembers:
                 nonmembers = torch.cat(nonmembers)
                 members = member_scores(cfg, dm, model, original, f"{split}_train", task, len(nonmembers))
@@ -250,7 +255,7 @@ def evaluate(cfg: DictConfig, dm: ForgetRetainDataModule, model: Family, origina
             if not prefix:
                 floors[f"{split}_class_acc_grey"] = grey_hits / max(n, 1)
                 floors[f"{split}_class_acc_noise"] = noise_hits / max(n, 1)
-    return metrics, floors, grid
+    return metrics, floors, grid, embeddings
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -276,8 +281,14 @@ def run(cfg: DictConfig, run: Path, chash: str, logger=None) -> dict:
         unlearn_s = start_meta["train_s"] if method.start_from == "retrain" else 0.0
 
     log.info("evaluating %s on %s", method.name, cfg.task)
-    metrics, floors, grid = evaluate(cfg, eval_dm, model, original, net)
+    metrics, floors, grid, embeddings = evaluate(cfg, eval_dm, model, original, net)
     save_grid(run / "grid.png", grid)
+    if embeddings:
+        def save_npz(tmp: Path) -> None:
+            with tmp.open("wb") as f:
+                np.savez(f, **embeddings)
+
+        write_atomic(run / "embeddings.npz", save_npz)
     torch_save(run / "checkpoint.pt", model.state_dict())
     return {
         "family": cfg.model.name, "method": method.name, "dataset": cfg.data.name, "seed": cfg.seed,

@@ -10,7 +10,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 # Keys that change where or how a run executes, not what it computes.
-NON_SEMANTIC_KEYS = ("trainer", "logger", "paths", "hydra", "resume", "metrics.eval_batch_size")
+NON_SEMANTIC_KEYS = ("trainer", "logger", "paths", "hydra", "resume", "metrics.eval_batch_size",
+                     "metrics.tsne_points")
 
 
 def stable_hash(obj: Any, length: int = 12) -> str:

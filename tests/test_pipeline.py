@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import METHODS, MODELS, compose_cfg, tiny_overrides
@@ -47,6 +48,10 @@ def test_contract_every_family_runs_every_method(shared_tmp, model, method, kind
         assert key in metrics["metrics"] and metrics["metrics"][key] == metrics["metrics"][key]  # not NaN
     for name in ("config.yaml", "checkpoint.pt", "grid.png"):
         assert (run / name).exists(), name
+    if kind != "gan":  # the t-SNE input of i2iu-report
+        emb = np.load(run / "embeddings.npz")
+        assert set(emb.files) == {"retain_output", "retain_truth", "forget_output", "forget_truth"}
+        assert emb["forget_output"].shape == emb["forget_truth"].shape and emb["forget_output"].shape[0] > 1
 
 
 def test_every_model_pairs_with_its_methods_only():

@@ -142,7 +142,7 @@ class SplitScorer:
     """
 
     def __init__(self, net: FeatureModel, device: str | torch.device = "cpu", is_splits: int = 10,
-                 audit: bool = False) -> None:
+                 audit: bool = False, keep_embeddings: int = 0) -> None:
         self.device = torch.device(device)
         self.features = BatchFeatures(net).to(self.device)
         self.is_splits = is_splits
@@ -152,6 +152,8 @@ class SplitScorer:
         self._correct = 0
         self._n = 0
         self._moments, self._nce = (PairedMoments(), InfoNCE()) if audit else (None, None)
+        self._keep = keep_embeddings  # the first images' embeddings, for the report's t-SNE figure
+        self._kept: list[tuple[Tensor, Tensor]] = []
 
     @torch.no_grad()
     def update(self, outputs: Tensor, ground_truth: Tensor, labels: Tensor) -> None:
@@ -174,6 +176,15 @@ class SplitScorer:
         if self._moments is not None:
             self._moments.update(emb_out, emb_gt)
             self._nce.update(emb_out, emb_gt)
+        room = self._keep - sum(len(o) for o, _ in self._kept)
+        if room > 0:
+            self._kept.append((emb_out[:room].float().cpu(), emb_gt[:room].float().cpu()))
+
+    def embeddings(self) -> dict[str, Tensor]:
+        """{"output", "truth"}: (N, D) feature embeddings of the first ``keep_embeddings`` outputs and truths."""
+        if not self._kept:
+            return {}
+        return {"output": torch.cat([o for o, _ in self._kept]), "truth": torch.cat([t for _, t in self._kept])}
 
     def compute(self) -> dict[str, float | int]:
         """{"fid", "is", "cos", "class_acc", "n"} (+ "kl", "mi", "mi_nce" when auditing) over everything seen."""

@@ -137,8 +137,8 @@ def test_wandb_logs_offline_into_the_run_dir(shared_tmp):
 
 def test_unreachable_wandb_falls_back_to_offline(shared_tmp, monkeypatch):
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
-    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
-    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "3")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)  # and no login: online W&B cannot start
+    monkeypatch.setenv("HOME", str(shared_tmp / "home"))  # no ~/.netrc either
     monkeypatch.delenv("WANDB_MODE", raising=False)
     cfg = compose_cfg(tiny_overrides(shared_tmp, "mae", "original", logger="wandb", runs="wandb_down",
                                      extra=["logger.mode=online"]))

@@ -28,7 +28,7 @@ from .data.shards import read_shard, verify_shards
 from .errors import ConfigError
 from .families.gan import DCGAN, BatchStream
 from .metrics.evaluate import fid_metric, inception_score_mean, inception_score_metric
-from .metrics.features import train_feature_net
+from .metrics.features import tensor_batches, train_feature_net
 from .report.figures import save_grid
 from .runs import stable_hash
 from .unlearning.cascaded import GANContext, GANMethod, auc, forgotten_share, retain_stream
@@ -173,17 +173,7 @@ def sample_scores(net, samples: torch.Tensor, reference: torch.Tensor, is_splits
 def downstream_acc(samples: torch.Tensor, labels: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                    num_classes: int, epochs: int, seed: int) -> float:
     """Accuracy on real images of a small classifier trained only on generated samples (feature-net labels)."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def train_batches():
-        perm = torch.randperm(len(samples), generator=gen)
-        for i in range(0, len(perm), 128):
-            yield samples[perm[i:i + 128]], labels[perm[i:i + 128]]
-
-    def test_batches():
-        for i in range(0, len(test_x), 512):
-            yield test_x[i:i + 512], test_y[i:i + 512]
-
+    train_batches, test_batches = tensor_batches(samples, labels, test_x, test_y, seed=seed)
     _, acc = train_feature_net(train_batches, test_batches, channels=samples.shape[1], num_classes=num_classes,
                                image_size=samples.shape[-1], epochs=epochs, seed=seed)
     return acc

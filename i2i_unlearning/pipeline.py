@@ -29,7 +29,7 @@ from .errors import ConfigError
 from .families.base import Family, StageContext
 from .metrics.audit import membership_audit, sample_scores
 from .metrics.evaluate import SplitScorer, class_acc
-from .metrics.features import load_or_train_feature_net
+from .metrics.features import load_or_train_feature_net, tensor_batches
 from .report.figures import save_grid
 from .runs import stable_hash
 from .unlearning.methods import UnlearningMethod
@@ -105,17 +105,7 @@ def feature_net(cfg: DictConfig, data_dir: Path, dm: ForgetRetainDataModule):
     """The default feature network, trained once on all training classes and cached with the data."""
     x_train, y_train = split_tensors(dm, list(TRAIN_SPLITS))
     x_test, y_test = split_tensors(dm, ["forget_eval", "retain_eval", "proxy_eval"])
-    gen = torch.Generator().manual_seed(0)
-
-    def train_batches():
-        perm = torch.randperm(len(x_train), generator=gen)
-        for i in range(0, len(perm), 128):
-            yield x_train[perm[i:i + 128]], y_train[perm[i:i + 128]]
-
-    def test_batches():
-        for i in range(0, len(x_test), 512):
-            yield x_test[i:i + 512], y_test[i:i + 512]
-
+    train_batches, test_batches = tensor_batches(x_train, y_train, x_test, y_test, seed=0)
     fcfg = cfg.metrics.feature_net
     return load_or_train_feature_net(
         data_dir, key=stable_hash({"epochs": fcfg.epochs, "lr": fcfg.lr}, 8),

@@ -208,3 +208,20 @@ def load_or_train_feature_net(cache_dir: Path, key: str, **train_kwargs) -> tupl
     torch_save(weights, net.state_dict())
     write_json(meta_path, meta)
     return net, meta
+
+
+def tensor_batches(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
+                   seed: int, train_batch: int = 128, test_batch: int = 512):
+    """(train_batches, test_batches) callables over in-memory tensors: shuffled (seeded) and in order."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def train_batches():
+        perm = torch.randperm(len(x_train), generator=gen)
+        for i in range(0, len(perm), train_batch):
+            yield x_train[perm[i:i + train_batch]], y_train[perm[i:i + train_batch]]
+
+    def test_batches():
+        for i in range(0, len(x_test), test_batch):
+            yield x_test[i:i + test_batch], y_test[i:i + test_batch]
+
+    return train_batches, test_batches

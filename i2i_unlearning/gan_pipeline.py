@@ -27,7 +27,7 @@ from .data.prepare import load_manifest, prepare
 from .data.shards import read_shard, verify_shards
 from .errors import ConfigError
 from .families.gan import DCGAN, BatchStream
-from .metrics.evaluate import fid_metric, inception_score_mean, inception_score_metric
+from .metrics.evaluate import BatchFeatures, InceptionScoreStream, fid_metric
 from .metrics.features import tensor_batches, train_feature_net
 from .report.figures import save_grid
 from .runs import stable_hash
@@ -161,13 +161,15 @@ def classifier(net):
 @torch.no_grad()
 def sample_scores(net, samples: torch.Tensor, reference: torch.Tensor, is_splits: int) -> dict:
     """FID of ``samples`` against ``reference`` images and IS of ``samples`` (the default feature net)."""
-    fid, inception = fid_metric(net), inception_score_metric(net, splits=is_splits)
+    features = BatchFeatures(net)
+    fid, inception = fid_metric(features), InceptionScoreStream(is_splits)
     for i in range(0, len(reference), 512):
         fid.update(reference[i:i + 512], real=True)
     for i in range(0, len(samples), 512):
-        fid.update(samples[i:i + 512], real=False)
-        inception.update(samples[i:i + 512])
-    return {"fid": max(float(fid.compute()), 0.0), "is": inception_score_mean(inception, is_splits)}
+        batch = samples[i:i + 512]
+        fid.update(batch, real=False)
+        inception.update(features(batch)[1])  # the feature pass FID just made, reused
+    return {"fid": max(float(fid.compute()), 0.0), "is": inception.compute()}
 
 
 def downstream_acc(samples: torch.Tensor, labels: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,

@@ -138,8 +138,8 @@ def stage_context(cfg: DictConfig, data_dir: Path, kind: str, patch: int, workdi
     )
 
 
-def trained_model(cfg: DictConfig, data_dir: Path, kind: str, net=None) -> tuple[Family, dict]:
-    """The family trained on all classes (``original``) or on retain only (``retrain``), cached."""
+def model_cache_path(cfg: DictConfig, data_dir: Path, kind: str) -> Path:
+    """Where ``trained_model`` caches the ``kind`` model of this config (its .json beside it)."""
     manifest = json.loads((data_dir / "manifest.json").read_text())
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     degradation = {k: OmegaConf.to_container(cfg.data)[k] for k in ("mask_ratio", "mask_kinds", "num_workers")}
@@ -147,7 +147,13 @@ def trained_model(cfg: DictConfig, data_dir: Path, kind: str, net=None) -> tuple
         degradation["train_task"] = cfg.data.train_task
     key = stable_hash({"data": manifest["config_hash"], "degradation": degradation, "model": model_cfg,
                        "kind": kind, "precision": cfg.trainer.precision})
-    path = Path(cfg.paths.cache_dir) / "models" / f"{cfg.model.name}-{kind}-{key}.pt"
+    return Path(cfg.paths.cache_dir) / "models" / f"{cfg.model.name}-{kind}-{key}.pt"
+
+
+def trained_model(cfg: DictConfig, data_dir: Path, kind: str, net=None) -> tuple[Family, dict]:
+    """The family trained on all classes (``original``) or on retain only (``retrain``), cached."""
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    path = model_cache_path(cfg, data_dir, kind)
     meta_path = path.with_suffix(".json")
     rec = cfg.model.train
     L.seed_everything(rec.seed, workers=True, verbose=False)
@@ -169,10 +175,11 @@ def trained_model(cfg: DictConfig, data_dir: Path, kind: str, net=None) -> tuple
         compile_hooks(model)
     t0 = time.perf_counter()
     pre = model.pre_train(stage_context(cfg, data_dir, kind, model.mask_patch, path.with_suffix(""), net))
+    pre_train_s = time.perf_counter() - t0
     resume_dir = path.with_suffix("") / "resume"
     tr = trainer(cfg, steps, root=path.parent, resume_dir=resume_dir)
     checkpointing.fit_resumable(tr, model, dm, resume_dir)
-    meta = {"kind": kind, "train_s": time.perf_counter() - t0, "pre_train": pre, "steps": steps, "images": n_images,
+    meta = {"kind": kind, "train_s": time.perf_counter() - t0, "pre_train_s": pre_train_s, "pre_train": pre, "steps": steps, "images": n_images,
             "epochs": rec.epochs, "batch_size": rec.batch_size, "splits": STREAM_SPLITS[kind],
             "final_loss": float(tr.callback_metrics.get("train/loss", float("nan")))}
     if tr.global_rank == 0:

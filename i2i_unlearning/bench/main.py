@@ -143,9 +143,12 @@ def ratios_of(res: dict) -> dict:
         na("unlearn_vs_retrain_projected_x", "unlearn_vs_retrain")
     else:
         u, h = ulr["unlearn"], ulr["growth"][ulr["headline_size"]]
-        met = "criterion met" if u["criterion_met"] else "criterion NOT met (ratio is an upper bound)"
+        last = u["checks"][-1] if u["checks"] else {}
+        met = ("criterion met" if u["criterion_met"] else
+               f"criterion NOT met: forget FID x{last.get('forget_fid_x', float('nan')):.2f}, retain FID "
+               f"x{last.get('retain_fid_x', float('nan')):.2f} at the last check, so the ratio is an upper bound")
         out["unlearn_vs_retrain_x"] = {
-            "x": ulr["x"], "why_na": None,
+            "x": ulr["x"], "why_na": None, "upper_bound": not u["criterion_met"],
             "abs": f"unlearn {u['unlearn_s']:.1f} s ({u['steps']} steps, {met}) vs retrain {h['retrain_s']:.0f} s "
                    f"({h['steps']} steps on {h['retain_images']} retain images, {ulr['retrain']['how']})"}
         p = ulr["projection"]
@@ -193,10 +196,20 @@ def gan_ratios() -> dict:
 
 
 def table(ratios: dict) -> str:
+    """Markdown table; a family whose ratios are all n/a gets one row per reason."""
     lines = ["| family | ratio | x | absolute figures | goal |", "|---|---|---|---|---|"]
     for family, rs in ratios.items():
+        if all(r["x"] is None for r in rs.values()):
+            by_reason: dict[str, list[str]] = {}
+            for key, r in rs.items():
+                by_reason.setdefault(r["why_na"], []).append(key)
+            for why, keys in by_reason.items():
+                lines.append(f"| {family} | {', '.join(keys)} | n/a | {why} | |")
+            continue
         for key, r in rs.items():
             x = _fmt(r["x"]) if r["x"] is not None else f"n/a: {r['why_na']}"
+            if r.get("upper_bound") and r["x"] is not None:
+                x = f"<= {x}"
             lines.append(f"| {family} | {key} | {x} | {r['abs']} | {RATIO_GOALS.get(key, '')} |")
     return "\n".join(lines)
 

@@ -3,14 +3,13 @@ ratios (each with its absolute figures) on stdout, and the same as JSON under ``
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
 import sys
 import time
 import traceback
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from .. import pipeline
 from ..atomic import write_json
 from ..cli import CONF_DIR
 from . import evaluation, loader, step_cost, unlearn_vs_retrain
-from .common import device_of, ratio
+from .common import device_of
 
 log = logging.getLogger("i2iu")
 # (key, goal) of every ratio the bench reports for every family
@@ -250,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
     text = table(ratios)
     notes = extra_lines(results)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     doc = {"created_utc": stamp, "wall_s": wall, "overrides": overrides, "size": base.bench.size,
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                        "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),

@@ -102,7 +102,7 @@ def retrain_cost(cfg: DictConfig, recipe: dict, meta: dict, cached: bool, retain
     step_s = (float(meta["train_s"]) - pre_s) / k
     pre_full = 0.0
     if recipe.get("tokenizer_steps"):
-        bench_tok = int(cfg.model.train.tokenizer_steps)
+        bench_tok = int(cfg.bench.original.tokenizer_steps)  # what the bench original's stage ran
         pre_full = pre_s / bench_tok * int(recipe["tokenizer_steps"]) if bench_tok else 0.0
     sizes = {}
     for name, n in retain_sizes.items():

@@ -36,7 +36,7 @@ from .metrics.features import load_or_train_feature_net, tensor_batches
 from .report.figures import save_grid
 from .runs import stable_hash
 from .unlearning.methods import UnlearningMethod
-from .unlearning.module import UnlearnModule
+from .unlearning.module import UnlearnModule, compile_hooks, to_channels_last
 
 log = logging.getLogger("i2iu")
 TRAIN_SPLITS = ("forget_train", "retain_train", "proxy_train")
@@ -78,8 +78,15 @@ def datamodule(cfg: DictConfig, data_dir: Path, streams: dict, batch_size: int, 
     return ForgetRetainDataModule(
         data_dir, streams=streams, batch_size=batch_size, epoch_batches=steps,
         num_workers=cfg.data.num_workers, patch=patch, mask_ratio=tuple(cfg.data.mask_ratio),
-        mask_kinds=tuple(cfg.data.mask_kinds), seed=seed,
+        mask_kinds=tuple(cfg.data.mask_kinds), seed=seed, fixed_task=cfg.data.get("train_task"),
     )
+
+
+def perf_options(cfg: DictConfig) -> dict:
+    """The fast-path switches of ``cfg.perf`` (conf/config.yaml; README "Performance")."""
+    p = cfg.get("perf") or {}
+    return {"batch_teacher": bool(p.get("batch_teacher", True)), "teacher_cache": bool(p.get("teacher_cache", False)),
+            "channels_last": bool(p.get("channels_last", False)), "compile": bool(p.get("compile", False))}
 
 
 def trainer(cfg: DictConfig, max_steps: int, logger=False, root: Path | None = None,
@@ -134,14 +141,22 @@ def stage_context(cfg: DictConfig, data_dir: Path, kind: str, patch: int, workdi
     )
 
 
-def trained_model(cfg: DictConfig, data_dir: Path, kind: str, net=None) -> tuple[Family, dict]:
-    """The family trained on all classes (``original``) or on retain only (``retrain``), cached."""
+def model_cache_path(cfg: DictConfig, data_dir: Path, kind: str) -> Path:
+    """Where ``trained_model`` caches the ``kind`` model of this config (its .json beside it)."""
     manifest = json.loads((data_dir / "manifest.json").read_text())
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     degradation = {k: OmegaConf.to_container(cfg.data)[k] for k in ("mask_ratio", "mask_kinds", "num_workers")}
+    if cfg.data.get("train_task"):  # keys of models trained on random masks stay as they were
+        degradation["train_task"] = cfg.data.train_task
     key = stable_hash({"data": manifest["config_hash"], "degradation": degradation, "model": model_cfg,
                        "kind": kind, "precision": cfg.trainer.precision})
-    path = Path(cfg.paths.cache_dir) / "models" / f"{cfg.model.name}-{kind}-{key}.pt"
+    return Path(cfg.paths.cache_dir) / "models" / f"{cfg.model.name}-{kind}-{key}.pt"
+
+
+def trained_model(cfg: DictConfig, data_dir: Path, kind: str, net=None) -> tuple[Family, dict]:
+    """The family trained on all classes (``original``) or on retain only (``retrain``), cached."""
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    path = model_cache_path(cfg, data_dir, kind)
     meta_path = path.with_suffix(".json")
     rec = cfg.model.train
     L.seed_everything(rec.seed, workers=True, verbose=False)
@@ -156,12 +171,18 @@ def trained_model(cfg: DictConfig, data_dir: Path, kind: str, net=None) -> tuple
     model.train_cfg["steps"] = steps  # the lr schedule spans the whole run
     dm = datamodule(cfg, data_dir, {"train": STREAM_SPLITS[kind]}, rec.batch_size, steps, rec.seed,
                     model.mask_patch)
+    perf = perf_options(cfg)
+    if perf["channels_last"]:
+        to_channels_last(model)
+    if perf["compile"]:
+        compile_hooks(model)
     t0 = time.perf_counter()
     pre = model.pre_train(stage_context(cfg, data_dir, kind, model.mask_patch, path.with_suffix(""), net))
+    pre_train_s = time.perf_counter() - t0
     resume_dir = path.with_suffix("") / "resume"
     tr = trainer(cfg, steps, root=path.parent, resume_dir=resume_dir)
     checkpointing.fit_resumable(tr, model, dm, resume_dir)
-    meta = {"kind": kind, "train_s": time.perf_counter() - t0, "pre_train": pre, "steps": steps, "images": n_images,
+    meta = {"kind": kind, "train_s": time.perf_counter() - t0, "pre_train_s": pre_train_s, "pre_train": pre, "steps": steps, "images": n_images,
             "epochs": rec.epochs, "batch_size": rec.batch_size, "splits": STREAM_SPLITS[kind],
             "final_loss": float(tr.callback_metrics.get("train/loss", float("nan")))}
     if tr.global_rank == 0:
@@ -175,7 +196,8 @@ def unlearn(cfg: DictConfig, data_dir: Path, start: Family, method: UnlearningMe
     """Run ``method`` from ``start`` (resuming from ``resume_dir`` if an earlier attempt was cut off);
     returns the unlearned family and the wall-clock seconds of this attempt."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = UnlearnModule(start, method)
+    perf = perf_options(cfg)
+    module = UnlearnModule(start, method, **perf)
     streams = {"retain": [method.retain_split]}
     if method.needs_forget:
         streams["forget"] = ["forget_train"]

@@ -10,7 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 # Keys that change where or how a run executes, not what it computes.
-NON_SEMANTIC_KEYS = ("trainer", "logger", "paths", "hydra", "resume", "metrics.eval_batch_size",
+NON_SEMANTIC_KEYS = ("trainer", "logger", "paths", "hydra", "resume", "perf", "metrics.eval_batch_size",
                      "metrics.tsne_points")
 
 

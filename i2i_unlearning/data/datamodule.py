@@ -120,9 +120,9 @@ class _MaskedBatches:
     """Group samples into batches and add a random patch mask per batch from a seeded generator."""
 
     def __init__(self, batch_size: int, size: int, patch: int, ratio: tuple[float, float],
-                 kinds: tuple[str, ...], seed: int, epoch: _Epoch):
+                 kinds: tuple[str, ...], seed: int, epoch: _Epoch, fixed: torch.Tensor | None = None):
         self.batch_size, self.size, self.patch, self.ratio, self.kinds = batch_size, size, patch, ratio, kinds
-        self.seed, self.epoch = seed, epoch
+        self.seed, self.epoch, self.fixed = seed, epoch, fixed
 
     def __call__(self, samples):
         generator = torch.Generator().manual_seed(_local_seed(self.seed, self.epoch))
@@ -131,7 +131,10 @@ class _MaskedBatches:
             if len(batch) < self.batch_size:
                 return
             out = _collate(batch)
-            out["mask"] = train_mask(self.batch_size, self.size, self.patch, self.ratio, self.kinds, generator)
+            if self.fixed is not None:  # a fixed degradation: every item always gets the same mask
+                out["mask"] = self.fixed.expand(self.batch_size, -1, -1, -1).clone()
+            else:
+                out["mask"] = train_mask(self.batch_size, self.size, self.patch, self.ratio, self.kinds, generator)
             yield out
 
 
@@ -161,6 +164,10 @@ class _StreamLoader:
 class ForgetRetainDataModule(L.LightningDataModule):
     """Training streams (e.g. forget / retain) over a prepared data dir, plus fixed-order eval batches.
 
+    Training masks are random per batch (``mask_kinds``), or, with ``fixed_task`` (an eval task name,
+    ``data.train_task``), that task's fixed mask for every item: a fixed degradation, under which the
+    teacher cache (``perf.teacher_cache``) hits.
+
     `streams` maps a stream name to the splits it concatenates; `train_dataloader` always returns a
     CombinedLoader ("min_size"), so a training step gets `batch[stream]` = {"image", "label", "mask", "key"}.
     Shards are verified against the manifest at construction (fail fast, before any training).
@@ -178,6 +185,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
         mask_kinds: tuple[str, ...] = TRAIN_MASKS,
         seed: int = 0,
         shuffle_buffer: int = 2000,
+        fixed_task: str | None = None,
     ):
         super().__init__()
         self.data_dir = Path(data_dir)
@@ -191,6 +199,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
         self.mask_kinds = tuple(mask_kinds)
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
+        self.fixed_task = fixed_task
         self._check_settings()
         self._check_streams()
         needed = sorted({split for splits in self.streams.values() for split in splits})
@@ -212,6 +221,8 @@ class ForgetRetainDataModule(L.LightningDataModule):
                 f"patch={self.patch} does not divide the prepared image size {self.image_size}; "
                 "choose a patch size that divides it (e.g. 4 for 32)"
             )
+        if self.fixed_task is not None:
+            eval_mask(self.fixed_task, self.image_size, self.patch)  # an unknown or misaligned task fails here
         low, high = self.mask_ratio
         if not 0.0 <= low <= high <= 1.0:
             raise ConfigError(
@@ -279,7 +290,8 @@ class ForgetRetainDataModule(L.LightningDataModule):
             _Shuffle(self.shuffle_buffer, seed, epoch),
             _Decode(self.channels),
             _MaskedBatches(
-                self.batch_size, self.image_size, self.patch, self.mask_ratio, self.mask_kinds, seed, epoch
+                self.batch_size, self.image_size, self.patch, self.mask_ratio, self.mask_kinds, seed, epoch,
+                None if self.fixed_task is None else eval_mask(self.fixed_task, self.image_size, self.patch),
             ),
         ).with_epoch(per_worker)
         loader = wds.WebLoader(pipeline, batch_size=None, num_workers=self.num_workers)

@@ -177,7 +177,7 @@ def noise_image(
     if kind == "uniform":
         return torch.rand(images.shape, generator=generator, device=images.device, dtype=images.dtype)
     if kind == "constant":
-        return torch.full_like(images, images.mean().item())
+        return images.mean().expand_as(images).clone()  # no host sync (a .item() would wait for the device)
     raise ConfigError(f"unknown noise kind {kind!r}; use one of ['constant', 'normal', 'uniform']")
 
 

@@ -66,6 +66,17 @@ class Family(L.LightningModule):
         """The random state of a training input for this batch (None: the family has none)."""
         return None
 
+    def batchable(self, masks: list[Tensor]) -> bool:
+        """Whether batches with these masks can run as one concatenated batch, each image's output
+        unchanged (up to float round-off). Default: no; families that can say so override it."""
+        return False
+
+    def join_states(self, states: list[Any]) -> Any:
+        """One state for concatenated batches (``batchable``); stateless families return None."""
+        if any(s is not None for s in states):
+            raise NotImplementedError(f"{type(self).__name__} has random states but no join_states")
+        return None
+
     def embed(self, image: Tensor, mask: Tensor, state: Any = None) -> Embedding:
         """Encoder embedding(s) of the degraded image T(image); may be a list of tensors."""
         raise NotImplementedError

@@ -165,6 +165,16 @@ class Diffusion(Family):
         t = torch.randint(0, self.num_timesteps, (image.shape[0],), device=image.device)
         return DiffusionState(t, torch.randn_like(image))
 
+    def batchable(self, masks: list[Tensor]) -> bool:
+        """Always: every image of any mask goes through the same UNet shapes."""
+        return True
+
+    def join_states(self, states: list[DiffusionState | None]) -> DiffusionState:
+        """The states of concatenated batches (each drawn with ``sample_state`` on its own batch)."""
+        if any(s is None for s in states):
+            raise ConfigError("Diffusion.join_states needs a drawn state per batch (sample_state), got None")
+        return DiffusionState(torch.cat([s.t for s in states]), torch.cat([s.noise for s in states]))
+
     def _check_state(self, image: Tensor, mask: Tensor, state: DiffusionState | None) -> DiffusionState:
         if state is None:
             return self.sample_state(image, mask)

@@ -105,6 +105,11 @@ class MAE(Family):
         order = torch.argsort(missing.to(torch.int8), dim=1, stable=True)
         return order[:, : int(visible[0])]
 
+    def batchable(self, masks: list[Tensor]) -> bool:
+        """Equal visible-patch counts over all masks: the encoder needs one token count per batch."""
+        counts = (~self.patch_missing(torch.cat(masks))).sum(1)
+        return bool(torch.all(counts == counts[0]))
+
     # ---- encoder / decoder -------------------------------------------------------------
     def encoder_parameter_names(self) -> set[str]:
         return {n for n, _ in self.named_parameters() if n.startswith(ENCODER_PREFIXES)}

@@ -292,6 +292,11 @@ class VQGAN(Family):
         order = torch.argsort(missing.to(torch.int8), dim=1, stable=True)
         return order[:, : int(kept[0])]
 
+    def batchable(self, masks: list[Tensor]) -> bool:
+        """Equal kept-token counts over all masks: the encoder needs one token count per batch."""
+        kept = (~self.token_missing(torch.cat(masks))).sum(1)
+        return bool(torch.all(kept == kept[0]))
+
     def _input_tokens(self, image: Tensor, mask: Tensor) -> Tensor:
         """Token ids of the degraded image: the hole is filled with grey before tokenizing."""
         return self.tokenize(image * (1 - mask) + 0.5 * mask)

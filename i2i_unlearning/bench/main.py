@@ -1,0 +1,266 @@
+"""``i2iu-bench [hydra overrides]``: every measurement for every family in one process, the table of
+ratios (each with its absolute figures) on stdout, and the same as JSON under ``bench.out_dir``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import sys
+import time
+import traceback
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from .. import pipeline
+from ..atomic import write_json
+from ..cli import CONF_DIR
+from . import evaluation, loader, step_cost, unlearn_vs_retrain
+from .common import device_of
+
+log = logging.getLogger("i2iu")
+# (key, goal) of every ratio the bench reports for every family
+RATIO_GOALS = {
+    **{f"cost_per_image_x/{m}": ("<= 0.8" if m == "ours" else "") for m in
+       ("ours", "max_loss", "noisy_label", "retain_label", "random_encoder", "finetune")},
+    "unlearn_vs_retrain_x": ">= 20",
+    "unlearn_vs_retrain_projected_x": "",
+    "loader_vs_step_x": ">= 3",
+    "eval_rate_large_vs_small_x": "flat (1.0)",
+    "eval_memory_large_vs_small_x": "flat (1.0)",
+    "memory_unlearn_vs_train_x": "",
+}
+GAN_WHY = {
+    "cost": "the six I2I methods need an encoder and a degraded input; an unconditional GAN has neither "
+            "(its cascaded method runs full GAN steps: `make demo-gan` times it against retraining)",
+    "unlearn_vs_retrain_x": "the GAN's forgetting criterion is its own (forgotten-class share of samples, "
+                            "not FID of restorations); `make demo-gan` records cascaded unlearn_s against the "
+                            "retrain model's train_s",
+    "other": "GAN runs restore nothing and read no degraded batches: no I2I step, loader or restore+metrics "
+             "path to measure",
+}
+
+
+def compose_cfg(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="bench", overrides=overrides)
+
+
+def _bench_original_cfg(cfg: DictConfig) -> DictConfig:
+    """The family config with the bench's short original recipe (``bench.original``)."""
+    c = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    with open_dict(c):
+        c.model.train.epochs = float(cfg.bench.original.epochs)
+        if "tokenizer_steps" in c.model.train:
+            c.model.train.tokenizer_steps = int(cfg.bench.original.tokenizer_steps)
+    return c
+
+
+def _guard(errors: dict, name: str, fn, *args, **kwargs):
+    """Run one measurement; a failure is recorded (and the rest of the bench goes on)."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - the JSON says what failed and why
+        log.error("bench: %s failed: %s: %s", name, type(exc).__name__, exc)
+        errors[name] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"
+        return None
+
+
+def run_family(overrides: list[str], family: str, extra: list[str], shared: dict) -> dict:
+    """All five measurements for one family."""
+    cfg = compose_cfg([*overrides, f"model={family}", *extra])
+    device = device_of(cfg)
+    perf = pipeline.perf_options(cfg)
+    errors: dict[str, str] = {}
+    data_dir = pipeline.prepare_data(cfg)
+    if str(data_dir) not in shared:
+        eval_dm = pipeline.datamodule(cfg, data_dir, {"retain": ["retain_train"]}, 1, 1, cfg.seed, 1)
+        shared[str(data_dir)] = pipeline.feature_net(cfg, data_dir, eval_dm)[0]
+    net = shared[str(data_dir)]
+    methods = {m: instantiate(compose_cfg([*overrides, f"model={family}", *extra, f"method={m}"]).method)
+               for m in cfg.bench.methods}
+    recipe = OmegaConf.to_container(cfg.model.train, resolve=True)
+    ocfg = _bench_original_cfg(cfg)
+    path = pipeline.model_cache_path(ocfg, data_dir, "original")
+    cached = path.exists() and path.with_suffix(".json").exists()
+    t0 = time.perf_counter()
+    original, meta = pipeline.trained_model(ocfg, data_dir, "original", net)
+    original_s = time.perf_counter() - t0
+    log.info("bench %s: original ready (%s, %.0f s); measuring step costs", family,
+             "cached" if cached else "trained", original_s)
+    cost = _guard(errors, "cost", step_cost.measure, cfg, data_dir, original, methods, device, perf)
+    step_rate = None
+    if cost is not None:
+        ours = cost["kinds"]["ours"]
+        step_rate = ours["images"] / ours["median_s"]
+    log.info("bench %s: loader", family)
+    load = _guard(errors, "loader", loader.measure, cfg, data_dir, original.mask_patch,
+                  int(methods["ours"].batch_size), step_rate)
+    log.info("bench %s: unlearning to the criterion", family)
+    ulr = _guard(errors, "unlearn_vs_retrain", unlearn_vs_retrain.measure, cfg, data_dir, original, meta, cached,
+                 recipe, net, device, perf, cost)
+    log.info("bench %s: evaluation", family)
+    ev = _guard(errors, "eval", evaluation.measure, cfg, data_dir, original, net, device)
+    return {"config": {"model": OmegaConf.to_container(cfg.model, resolve=True), "recipe": recipe,
+                       "bench_original": {"epochs": ocfg.model.train.epochs, "steps": meta.get("steps"),
+                                          "train_s": meta.get("train_s"), "pre_train_s": meta.get("pre_train_s"),
+                                          "source": "cached" if cached else "trained in this process"},
+                       "overrides": [f"model={family}", *extra], "device": str(device), "perf": perf,
+                       "precision": str(cfg.trainer.precision)},
+            "cost": cost, "loader": load, "unlearn_vs_retrain": ulr, "eval": ev, "errors": errors}
+
+
+def _fmt(x: float | None, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def ratios_of(res: dict) -> dict:
+    """Every key of RATIO_GOALS: {"x", "abs" (absolute figures), "why_na"}."""
+    out = {}
+    cost, load, ulr, ev = res.get("cost"), res.get("loader"), res.get("unlearn_vs_retrain"), res.get("eval")
+    err = res.get("errors", {})
+
+    def na(key, part):
+        out[key] = {"x": None, "abs": "", "why_na": f"{part} failed: {err.get(part, 'not measured').splitlines()[0]}"}
+
+    for m in ("ours", "max_loss", "noisy_label", "retain_label", "random_encoder", "finetune"):
+        key = f"cost_per_image_x/{m}"
+        if cost is None:
+            na(key, "cost")
+            continue
+        k, t = cost["kinds"][m], cost["kinds"]["train"]
+        out[key] = {"x": k["x_train_per_image"], "why_na": None,
+                    "abs": f"{k['median_s'] * 1e3:.0f} ms / {k['images']} img vs train {t['median_s'] * 1e3:.0f} ms "
+                           f"/ {t['images']} img (x{k['x_train_per_step']:.2f} per step)"}
+    if ulr is None:
+        na("unlearn_vs_retrain_x", "unlearn_vs_retrain")
+        na("unlearn_vs_retrain_projected_x", "unlearn_vs_retrain")
+    else:
+        u, h = ulr["unlearn"], ulr["growth"][ulr["headline_size"]]
+        last = u["checks"][-1] if u["checks"] else {}
+        met = ("criterion met" if u["criterion_met"] else
+               f"criterion NOT met: forget FID x{last.get('forget_fid_x', float('nan')):.2f}, retain FID "
+               f"x{last.get('retain_fid_x', float('nan')):.2f} at the last check, so the ratio is an upper bound")
+        out["unlearn_vs_retrain_x"] = {
+            "x": ulr["x"], "why_na": None, "upper_bound": not u["criterion_met"],
+            "abs": f"unlearn {u['unlearn_s']:.1f} s ({u['steps']} steps, {met}) vs retrain {h['retrain_s']:.0f} s "
+                   f"({h['steps']} steps on {h['retain_images']} retain images, {ulr['retrain']['how']})"}
+        p = ulr["projection"]
+        out["unlearn_vs_retrain_projected_x"] = {
+            "x": p["x"], "why_na": p["why_na"],
+            "abs": "" if p["x"] is None else f"PROJECTION to {p['setting']}: {p['retrain_images']:.3g} retrain vs "
+                                              f"{p['unlearn_images']:.3g} unlearning images"}
+    if load is None:
+        na("loader_vs_step_x", "loader")
+    else:
+        out["loader_vs_step_x"] = {
+            "x": load["x_step"], "why_na": None if load["x_step"] is not None else "needs the step rate of (1)",
+            "abs": f"loader {_fmt(load['images_per_s'], 0)} img/s ({load['workers']} workers) vs ours' step "
+                   f"{_fmt(load['step_images_per_s'], 0)} img/s"}
+    if ev is None:
+        na("eval_rate_large_vs_small_x", "eval")
+        na("eval_memory_large_vs_small_x", "eval")
+    else:
+        s = ev["sizes"]
+        a, b = (s[k] for k in sorted(s, key=int))
+        out["eval_rate_large_vs_small_x"] = {
+            "x": ev["x_rate_large_vs_small"], "why_na": None,
+            "abs": f"{a['images']} img: {a['images_per_s']:.0f} img/s; {b['images']} img: {b['images_per_s']:.0f} img/s"}
+        out["eval_memory_large_vs_small_x"] = {
+            "x": ev["x_memory_large_vs_small"], "why_na": None if a["peak_mib"] is not None else "no memory reading",
+            "abs": f"peak +{_fmt(a['peak_mib'], 0)} MiB at {a['images']} img, +{_fmt(b['peak_mib'], 0)} MiB at "
+                   f"{b['images']} img"}
+    if cost is None:
+        na("memory_unlearn_vs_train_x", "cost")
+    else:
+        k, t = cost["kinds"]["ours"], cost["kinds"]["train"]
+        out["memory_unlearn_vs_train_x"] = {
+            "x": k["x_train_memory"], "why_na": None if k["peak_mib"] is not None else "no memory reading",
+            "abs": f"ours +{_fmt(k['peak_mib'], 1)} MiB vs train +{_fmt(t['peak_mib'], 1)} MiB"}
+    return out
+
+
+def gan_ratios() -> dict:
+    out = {}
+    for key in RATIO_GOALS:
+        why = GAN_WHY["cost"] if key.startswith(("cost_", "memory_")) else \
+            GAN_WHY["unlearn_vs_retrain_x"] if key.startswith("unlearn_") else GAN_WHY["other"]
+        out[key] = {"x": None, "abs": "", "why_na": why}
+    return out
+
+
+def table(ratios: dict) -> str:
+    """Markdown table; a family whose ratios are all n/a gets one row per reason."""
+    lines = ["| family | ratio | x | absolute figures | goal |", "|---|---|---|---|---|"]
+    for family, rs in ratios.items():
+        if all(r["x"] is None for r in rs.values()):
+            by_reason: dict[str, list[str]] = {}
+            for key, r in rs.items():
+                by_reason.setdefault(r["why_na"], []).append(key)
+            for why, keys in by_reason.items():
+                lines.append(f"| {family} | {', '.join(keys)} | n/a | {why} | |")
+            continue
+        for key, r in rs.items():
+            x = _fmt(r["x"]) if r["x"] is not None else f"n/a: {r['why_na']}"
+            if r.get("upper_bound") and r["x"] is not None:
+                x = f"<= {x}"
+            lines.append(f"| {family} | {key} | {x} | {r['abs']} | {RATIO_GOALS.get(key, '')} |")
+    return "\n".join(lines)
+
+
+def extra_lines(results: dict) -> str:
+    """Growth of the unlearn-vs-retrain ratio with the retained data, and the ours variants."""
+    lines = []
+    for family, res in results.items():
+        ulr = (res or {}).get("unlearn_vs_retrain")
+        if ulr:
+            grow = ", ".join(f"{name} ({g['retain_images']} retain img) x{g['x']:.1f}" for name, g in ulr["growth"].items())
+            lines.append(f"{family}: unlearn vs retrain by retained data: {grow} "
+                         f"[retrain {ulr['retrain']['how']}; {ulr['retrain']['source']}]")
+        cost = (res or {}).get("cost")
+        if cost:
+            var = ", ".join(f"{k} x{v['x_train_per_image']:.2f}" for k, v in cost["kinds"].items()
+                            if k.startswith("ours["))
+            if var:
+                lines.append(f"{family}: ours variants, cost per image vs train: {var}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    overrides = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="[i2iu-bench] %(message)s", force=True)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    t0 = time.perf_counter()
+    base = compose_cfg(overrides)
+    torch.manual_seed(base.seed)
+    results, ratios, shared = {}, {}, {}
+    for family, extra in base.bench.families.items():
+        if family == "gan":
+            results[family], ratios[family] = None, gan_ratios()
+            continue
+        log.info("bench: %s", family)
+        results[family] = run_family(overrides, family, list(extra or []), shared)
+        ratios[family] = ratios_of(results[family])
+    wall = time.perf_counter() - t0
+    text = table(ratios)
+    notes = extra_lines(results)
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    doc = {"created_utc": stamp, "wall_s": wall, "overrides": overrides, "size": base.bench.size,
+           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                       "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+                       "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                       "load_avg": os.getloadavg()},
+           "ratios": ratios, "results": results, "table_md": text, "notes": notes}
+    out = Path(base.bench.out_dir)
+    write_json(out / f"bench-{stamp}.json", doc)
+    write_json(out / "latest.json", doc)
+    print(text)
+    print(notes)
+    print(f"\nbench finished in {wall:.0f} s (torch threads {torch.get_num_threads()}); wrote {out / f'bench-{stamp}.json'}")
+    failed = {f: r["errors"] for f, r in results.items() if r and r["errors"]}
+    return 1 if failed else 0

@@ -1,0 +1,129 @@
+"""(1) cost per image of each method's step against the family's plain training step, and (5) the
+peak memory of those steps, on the same model, the same real batches and in the same process.
+
+A step is what the Lightning loop does per batch: the loss, backward, gradient clipping at
+``trainer.gradient_clip_val``, the optimiser step and zeroing the gradients. The unlearning steps
+run through ``UnlearnModule`` (with the ``perf`` fast paths) on a retain and a forget batch of
+``method.batch_size`` each; the training step runs ``task_loss`` on one batch of as many images as
+the unlearning step of ``ours`` consumes (``bench.cost.train_batch``, default 2 x its batch), drawn
+from all training splits as the original model's training draws them. Cost per image = median
+seconds per step / images the step consumes (retain and forget together; finetune: retain only).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import torch
+from omegaconf import DictConfig
+
+from .. import pipeline
+from ..data.degrade import eval_mask
+from ..families.base import Family
+from ..unlearning.methods import UnlearningMethod
+from ..unlearning.module import UnlearnModule
+from .common import PeakMemory, autocast, interleaved_medians, ratio, to_device
+
+# variants of ours that show what the fast paths buy (name -> (perf overrides, fixed mask))
+VARIANTS = {
+    "ours[teacher unbatched]": ({"batch_teacher": False}, False),
+    "ours[fixed mask]": ({}, True),
+    "ours[fixed mask, teacher cache]": ({"teacher_cache": True}, True),
+}
+
+
+def _pool(cfg: DictConfig, data_dir, streams: dict, batch_size: int, n: int, patch: int, device) -> list[dict]:
+    """``n`` real batches of the shard loader (decoded, degraded), held in memory on ``device``."""
+    dm = pipeline.datamodule(cfg, data_dir, streams, batch_size, n, cfg.seed, patch)
+    batches = [b for b, _, _ in itertools.islice(iter(dm.train_dataloader()), n)]
+    return [{k: to_device(v, device) for k, v in b.items()} for b in batches]
+
+
+def _fixed(pool: list[dict], mask: torch.Tensor) -> list[dict]:
+    """The same batches under the eval task's fixed mask for every item (a fixed degradation)."""
+    out = []
+    for b in pool:
+        out.append({k: {**v, "mask": mask.to(v["image"].device).expand_as(v["mask"]).clone()} for k, v in b.items()})
+    return out
+
+
+class _Runner:
+    """One kind of step over a cycled pool of batches: ``__call__`` runs one step."""
+
+    def __init__(self, params: list, loss_fn, pool: list[dict], images: int, clip: float | None, opt, amp):
+        self.params, self.loss_fn, self.images, self.clip, self.opt, self.amp = params, loss_fn, images, clip, opt, amp
+        self.batches = itertools.cycle(pool)
+
+    def __call__(self) -> None:
+        with self.amp():
+            loss = self.loss_fn(next(self.batches))
+        loss.backward()
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def measure(cfg: DictConfig, data_dir, original: Family, methods: dict[str, UnlearningMethod], device,
+            perf: dict) -> dict:
+    """Median step times, cost per image relative to the training step, and peak memory per kind."""
+    b = cfg.bench.cost
+    clip = cfg.trainer.get("gradient_clip_val")
+    patch = original.mask_patch
+    batch = int(methods["ours"].batch_size)
+    train_batch = int(b.get("train_batch") or 2 * batch)
+    pool = _pool(cfg, data_dir, {"retain": ["retain_train"], "forget": ["forget_train"]}, batch, b.pool, patch, device)
+    train_pool = _pool(cfg, data_dir, {"train": list(pipeline.TRAIN_SPLITS)}, train_batch, b.pool, patch, device)
+    amp = lambda: autocast(cfg, device)  # noqa: E731
+
+    model = copy.deepcopy(original).to(device).train()
+    model.train_cfg["steps"] = 10**6
+    opt = model.configure_optimizers()["optimizer"]
+    runners = {"train": _Runner(list(model.parameters()), lambda x: model.task_loss(x["train"]["image"],
+                                                                                   x["train"]["mask"]),
+                                train_pool, train_batch, clip, opt, amp)}
+    stateless = original.sample_state(pool[0]["retain"]["image"][:1], pool[0]["retain"]["mask"][:1]) is None
+    fixed_pool = _fixed(pool, eval_mask(cfg.task, original.image_size, patch)) if stateless else None
+    kinds = {name: (method, {}, False) for name, method in methods.items()}
+    for name, (over, fixed) in VARIANTS.items():
+        if fixed and not stateless:
+            continue
+        kinds[name] = (methods["ours"], over, fixed)
+    modules = {}
+    for name, (method, over, fixed) in kinds.items():
+        module = modules[name] = UnlearnModule(original, method, **{**perf, **over}).to(device)
+        module.train()
+        params = [p for p in module.student.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=method.lr, weight_decay=method.weight_decay)
+
+        def loss_fn(x, module=module, method=method):
+            forget = x["forget"] if method.needs_forget else None
+            return method.loss(module.student, module.frozen, forget, x["retain"])["loss"]
+
+        images = batch * (2 if method.needs_forget else 1)
+        runners[name] = _Runner(params, loss_fn, fixed_pool if fixed else pool, images, clip, opt, amp)
+    times = interleaved_medians(runners, device, warmup=b.warmup, repeats=b.repeats, steps=b.steps)
+    memory = {}
+    for name, run in runners.items():
+        with PeakMemory(device) as peak:
+            run()
+        memory[name] = peak.mib
+    train_per_image = times["train"]["median_s"] / train_batch
+    out = {"batch_size": batch, "train_batch": train_batch, "kinds": {}, "memory_method": peak.method,
+           "skipped": {} if stateless else {
+               name: "diffusion's teacher input carries a random timestep and noise per step: no exact cache"
+               for name, (_, fixed) in VARIANTS.items() if fixed}}
+    for name, run in runners.items():
+        t = times[name]
+        out["kinds"][name] = {
+            **t, "images": run.images, "s_per_image": t["median_s"] / run.images,
+            "x_train_per_image": ratio(t["median_s"] / run.images, train_per_image),
+            "x_train_per_step": ratio(t["median_s"], times["train"]["median_s"]),
+            "peak_mib": memory[name], "x_train_memory": ratio(memory[name], memory["train"]),
+        }
+    for name, module in modules.items():
+        if module.frozen.cache is not None:
+            out["kinds"][name]["cache_hits"] = module.frozen.cache.hits
+            out["kinds"][name]["cache_misses"] = module.frozen.cache.misses
+    return out

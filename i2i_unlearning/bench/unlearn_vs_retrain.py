@@ -1,0 +1,142 @@
+"""(2) unlearning until the demo's forgetting criterion holds against retraining from scratch on the
+retain classes with the original's recipe.
+
+* Unlearning: ``ours`` (the family's method config) from the bench's original model, through
+  ``UnlearnModule`` on the real shard loader, timed step by step (loading included); every
+  ``check_every`` steps the student restores ``eval_images`` held-out images per split and the
+  criterion is checked: forget FID >= ``forget_fid_x`` x the original's and retain FID <=
+  ``retain_fid_x`` x the original's (the MAE demo's bounds). Check time is reported apart.
+* Retraining: not run to the end (the recipe on the full retain set takes hours here). Its cost per
+  step is the bench original's recorded training time (Lightning loop, loading, checkpoints; the same
+  model, batch size and machine) divided by its steps, so "extrapolated from k measured steps": a
+  retrain of N retain images takes ceil(epochs x N / batch) such steps, plus the family's stages
+  before training (the VQ-GAN tokenizer: its measured time scaled to the recipe's steps).
+* The ratio at each retained-data size N, and a projection to the paper's setting from the
+  per-image costs measured in (1) and the image counts of the paper's recipes (``bench.projection``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from .. import pipeline
+from ..families.base import Family
+from ..metrics.evaluate import SplitScorer
+from ..unlearning.module import UnlearnModule
+from .common import autocast, ratio, sync, to_device
+
+
+@torch.no_grad()
+def split_fid(cfg: DictConfig, dm, net, model: Family, split: str, n: int, device) -> float:
+    """FID of the model's restorations of the first ``n`` eval images of ``split`` (seeded)."""
+    scorer = SplitScorer(net)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for b in dm.eval_batches(f"{split}_eval", cfg.task, batch_size=cfg.metrics.eval_batch_size, limit=n):
+        x, m = b["image"].to(device), b["mask"].to(device)
+        scorer.update(model.restore(x, m, generator=gen).cpu(), b["image"], b["label"])
+    return float(scorer.compute()["fid"])
+
+
+def unlearn_to_criterion(cfg: DictConfig, data_dir, original: Family, net, device, perf: dict) -> dict:
+    b = cfg.bench.unlearn
+    method = instantiate(cfg.method)
+    n, max_steps, every = int(b.eval_images), int(b.max_steps), int(b.check_every)
+    eval_dm = pipeline.datamodule(cfg, data_dir, {"retain": ["retain_train"]}, 1, 1, cfg.seed, original.mask_patch)
+    original = original.to(device).eval()
+    base = {s: split_fid(cfg, eval_dm, net, original, s, n, device) for s in ("forget", "retain")}
+    module = UnlearnModule(original, method, **perf).to(device)
+    module.train()
+    params = [p for p in module.student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=method.lr, weight_decay=method.weight_decay)
+    clip = cfg.trainer.get("gradient_clip_val")
+    streams = {"retain": [method.retain_split], "forget": ["forget_train"]}
+    dm = pipeline.datamodule(cfg, data_dir, streams, method.batch_size, max_steps, cfg.seed, original.mask_patch)
+    it = iter(dm.train_dataloader())
+    step_s = check_s = 0.0
+    checks, met_at = [], None
+    for step in range(1, max_steps + 1):
+        sync(device)
+        t0 = time.perf_counter()
+        batch, _, _ = next(it)
+        batch = {k: to_device(v, device) for k, v in batch.items()}
+        with autocast(cfg, device):
+            loss = method.loss(module.student, module.frozen, batch["forget"], batch["retain"])["loss"]
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+        step_s += time.perf_counter() - t0
+        if step % every and step != max_steps:
+            continue
+        t1 = time.perf_counter()
+        module.student.eval()
+        fid = {s: split_fid(cfg, eval_dm, net, module.student, s, n, device) for s in ("forget", "retain")}
+        module.student.train()
+        check_s += time.perf_counter() - t1
+        fx, rx = fid["forget"] / base["forget"], fid["retain"] / base["retain"]
+        checks.append({"step": step, "unlearn_s": step_s, "forget_fid": fid["forget"], "retain_fid": fid["retain"],
+                       "forget_fid_x": fx, "retain_fid_x": rx})
+        if fx >= b.forget_fid_x and rx <= b.retain_fid_x:
+            met_at = step
+            break
+    return {"method": method.name, "batch_size": method.batch_size, "alpha": method.alpha, "lr": method.lr,
+            "criterion": f"forget FID >= {b.forget_fid_x}x original's and retain FID <= {b.retain_fid_x}x, "
+                         f"on {n} eval images per split, checked every {every} steps",
+            "original_forget_fid": base["forget"], "original_retain_fid": base["retain"],
+            "criterion_met": met_at is not None, "steps": met_at or max_steps, "unlearn_s": step_s,
+            "check_s": check_s, "checks": checks}
+
+
+def retrain_cost(cfg: DictConfig, recipe: dict, meta: dict, cached: bool, retain_sizes: dict) -> dict:
+    """Retraining time per retained-data size, from the bench original's recorded cost per step."""
+    pre_s = float(meta.get("pre_train_s") or 0.0)
+    k = int(meta["steps"])
+    step_s = (float(meta["train_s"]) - pre_s) / k
+    pre_full = 0.0
+    if recipe.get("tokenizer_steps"):
+        bench_tok = int(cfg.bench.original.tokenizer_steps)  # what the bench original's stage ran
+        pre_full = pre_s / bench_tok * int(recipe["tokenizer_steps"]) if bench_tok else 0.0
+    sizes = {}
+    for name, n in retain_sizes.items():
+        steps = max(1, math.ceil(float(recipe["epochs"]) * n / int(recipe["batch_size"])))
+        sizes[name] = {"retain_images": n, "steps": steps, "retrain_s": steps * step_s + pre_full}
+    return {"source": "cached model's recorded training time" if cached else "trained in this process",
+            "measured_steps": k, "batch_size": int(recipe["batch_size"]), "epochs": float(recipe["epochs"]),
+            "s_per_step": step_s, "pre_train_s_measured": pre_s, "pre_train_s_recipe": pre_full,
+            "recipe_tokenizer_steps": recipe.get("tokenizer_steps"),
+            "how": f"extrapolated from {k} measured steps", "sizes": sizes}
+
+
+def measure(cfg: DictConfig, data_dir, original: Family, meta: dict, cached: bool, recipe: dict, net,
+            device, perf: dict, cost: dict | None) -> dict:
+    b = cfg.bench.unlearn
+    manifest_n = json.loads((data_dir / "manifest.json").read_text())["splits"]["retain_train"]["count"]
+    sizes = {"bench": int(manifest_n), **{str(k): int(v) for k, v in b.retain_sizes.items()}}
+    unlearn = unlearn_to_criterion(cfg, data_dir, original, net, device, perf)
+    retrain = retrain_cost(cfg, recipe, meta, cached, sizes)
+    growth = {name: {**s, "unlearn_s": unlearn["unlearn_s"], "x": ratio(s["retrain_s"], unlearn["unlearn_s"])}
+              for name, s in retrain["sizes"].items()}
+    headline = growth[str(b.headline)]
+    proj = cfg.bench.projection.get(cfg.model.name)
+    projection = {"x": None, "why_na": None}
+    if proj is None:
+        projection["why_na"] = f"no paper recipe for {cfg.model.name} in bench.projection"
+    elif cost is None:
+        projection["why_na"] = "needs the per-image costs of measurement (1)"
+    else:
+        x_img = cost["kinds"]["ours"]["x_train_per_image"]
+        projection = {"x": float(proj.retrain_images) / float(proj.unlearn_images) / x_img,
+                      "setting": proj.setting, "retrain_images": int(proj.retrain_images),
+                      "unlearn_images": int(proj.unlearn_images), "ours_x_train_per_image": x_img,
+                      "how": "projection: (retrain images x training cost per image) / (unlearning images x ours' "
+                             "cost per image), per-image costs as measured here in (1)", "why_na": None}
+    return {"unlearn": unlearn, "retrain": retrain, "growth": growth, "headline_size": str(b.headline),
+            "x": headline["x"], "criterion_met": unlearn["criterion_met"], "projection": projection}

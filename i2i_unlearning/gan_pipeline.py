@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from .atomic import torch_save, write_json
-from .data.prepare import load_manifest, prepare
+from .data.prepare import config_kwargs, load_manifest, prepare
 from .data.shards import read_shard, verify_shards
 from .errors import ConfigError
 from .families.gan import DCGAN, BatchStream
@@ -76,11 +76,7 @@ def prepare_gan_data(cfg: DictConfig) -> Path:
     kind = d.get("forget_kind", "class")
     items = d.get("forget_items")
     return prepare(
-        instantiate(d.source), Path(cfg.paths.cache_dir) / "data",
-        forget_classes=list(d.forget_classes), retain_classes=list(d.retain_classes),
-        proxy_classes=None if d.proxy_classes is None else list(d.proxy_classes),
-        image_size=d.image_size, train_per_class=d.train_per_class, eval_per_class=d.eval_per_class,
-        shard_size=d.shard_size, seed=d.get("split_seed", 0), forget_kind=kind,
+        instantiate(d.source), Path(cfg.paths.cache_dir) / "data", **config_kwargs(d), forget_kind=kind,
         forget_items=None if items is None else list(items),
         forget_item_count=d.get("forget_item_count") if kind == "item" and items is None else None,
     )

@@ -24,7 +24,7 @@ from . import checkpointing, gan_pipeline
 from .atomic import torch_save, write_atomic, write_json, write_text
 from .data.datamodule import ForgetRetainDataModule
 from .data.degrade import fill
-from .data.prepare import prepare
+from .data.prepare import config_kwargs, prepare
 from .errors import ConfigError
 from .families.base import Family, StageContext
 from .metrics.audit import membership_audit, sample_scores
@@ -60,14 +60,7 @@ def check_config(cfg: DictConfig) -> None:
 
 def prepare_data(cfg: DictConfig) -> Path:
     """Shards + manifest for the configured class split (cached by its hash)."""
-    d = cfg.data
-    return prepare(
-        instantiate(d.source), Path(cfg.paths.cache_dir) / "data",
-        forget_classes=list(d.forget_classes), retain_classes=list(d.retain_classes),
-        proxy_classes=None if d.proxy_classes is None else list(d.proxy_classes),
-        image_size=d.image_size, train_per_class=d.train_per_class, eval_per_class=d.eval_per_class,
-        shard_size=d.shard_size, seed=d.get("split_seed", 0),
-    )
+    return prepare(instantiate(cfg.data.source), Path(cfg.paths.cache_dir) / "data", **config_kwargs(cfg.data))
 
 
 def datamodule(cfg: DictConfig, data_dir: Path, streams: dict, batch_size: int, steps: int, seed: int,

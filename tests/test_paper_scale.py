@@ -1,0 +1,153 @@
+"""Paper-scale plumbing on small stand-ins: image-folder trees -> shards, pretrained weights from local files,
+Inception / CLIP feature models from local weights files."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from i2i_unlearning.data.image_folder import ImageFolderSource
+from i2i_unlearning.data.prepare import SPLIT_NAMES, load_manifest, prepare
+from i2i_unlearning.data.shards import read_shard, verify_shards
+from i2i_unlearning.errors import ConfigError, DataError
+
+CLASSES = ["n001", "n002", "n003", "n004", "n005", "n006"]
+TRAIN_PER_CLASS, EVAL_PER_CLASS = 6, 3
+CORRUPT = "n002/broken_0003.JPEG"
+
+
+def make_tree(root: Path, corrupt: bool = True) -> Path:
+    """root/train/<wnid>/ and root/val/<wnid>/: JPEG and PNG of mixed sizes and modes, one corrupt file
+    (in train/n002), one non-image file per split."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", TRAIN_PER_CLASS), ("val", EVAL_PER_CLASS)):
+        for c, wnid in enumerate(CLASSES):
+            folder = root / split / wnid
+            folder.mkdir(parents=True)
+            for i in range(n):
+                h, w = int(rng.integers(20, 60)), int(rng.integers(20, 60))
+                pixels = (rng.random((h, w, 3)) * 60 + 30 * c).astype(np.uint8)
+                img = Image.fromarray(pixels)
+                if i % 2:
+                    img.save(folder / f"img_{i:04d}.png")
+                else:
+                    (img.convert("L") if i % 4 == 0 else img).save(folder / f"img_{i:04d}.JPEG", quality=90)
+        (root / split / "README.txt").write_text("not a class folder")
+        (root / split / CLASSES[0] / "labels.csv").write_text("not an image")
+    if corrupt:
+        (root / "train" / CORRUPT).write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    return make_tree(tmp_path_factory.mktemp("tree"))
+
+
+def prepare_tree(root: Path, out: Path, on_corrupt: str = "skip", workers: int = 0, **kw) -> Path:
+    source = ImageFolderSource(str(root), name="tiny_folder", on_corrupt=on_corrupt)
+    args = dict(forget_classes=None, retain_classes=None, num_forget_classes=2, num_retain_classes=2,
+                class_seed=3, image_size=16, train_per_class=4, eval_per_class=2, proxy_per_class=1,
+                proxy_eval_per_class=0, shard_size=3, workers=workers)
+    return prepare(source, out, **{**args, **kw})
+
+
+def split_images(data_dir: Path, split: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    m = load_manifest(data_dir)
+    parts = [read_shard(data_dir / s["name"], 3) for s in m["splits"][split]["shards"]]
+    if not parts:
+        return [], np.zeros((0, 16, 16, 3), np.uint8), np.zeros(0, np.int64)
+    return [k for p in parts for k in p[0]], np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+
+
+def test_source_lists_classes_and_ignores_non_images(tree):
+    src = ImageFolderSource(str(tree))
+    assert src.class_names == CLASSES  # README.txt (a file) is not a class
+    files, labels = src.index("train")
+    assert len(files) == TRAIN_PER_CLASS * 6 + 1  # + the corrupt .JPEG; labels.csv ignored
+    assert not any(f.endswith(".csv") for f in files)
+    assert np.bincount(labels).tolist() == [6, 7, 6, 6, 6, 6]
+    assert len(src.index("test")[0]) == EVAL_PER_CLASS * 6
+
+
+def test_image_folder_becomes_shards(tree, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        data_dir = prepare_tree(tree, tmp_path, workers=2)
+    m = load_manifest(data_dir)
+    # the drawn class lists are saved, disjoint, and the proxy classes are the other two
+    assert m["class_draw"]["seed"] == 3 and m["class_draw"]["drawn"] == ["forget", "retain"]
+    f, r, p = m["forget_classes"], m["retain_classes"], m["proxy_classes"]
+    assert len(f) == len(r) == 2 and len(p) == 2 and sorted(f + r + p) == CLASSES
+    counts = {s: m["splits"][s]["count"] for s in SPLIT_NAMES}
+    corrupt_split = next((s for s, role in (("forget_train", f), ("retain_train", r), ("proxy_train", p))
+                          if "n002" in role), None)
+    expect = {"forget_train": 8, "retain_train": 8, "proxy_train": 2, "forget_eval": 4, "retain_eval": 4,
+              "proxy_eval": 0}
+    corrupt_listed = [b["file"] for bad in m["corrupt"].values() for b in bad]
+    if corrupt_listed:  # drawn into a split: reported by name and skipped
+        assert corrupt_listed == [f"train/{CORRUPT}"]
+        assert CORRUPT.split("/")[1] in caplog.text
+        expect[corrupt_split] -= 1
+    assert counts == expect
+    verify_shards(data_dir, m, list(SPLIT_NAMES))
+    for split in ("forget_train", "retain_train", "proxy_train", "forget_eval"):
+        keys, images, labels = split_images(data_dir, split)
+        assert images.shape[1:] == (16, 16, 3)
+        role = split.split("_")[0]
+        assert {CLASSES[y] for y in labels} <= set(m[f"{role}_classes"])
+        assert m["splits"][split]["classes"] == {c: int((labels == CLASSES.index(c)).sum()) for c in m[f"{role}_classes"]}
+    files = json.loads((data_dir / "files.json").read_text())
+    assert all(v.split("/")[0] in f for v in files["forget_train"].values())
+    # the same config reuses the shards (and the number of workers is not part of the key)
+    assert prepare_tree(tree, tmp_path, workers=0) == data_dir
+
+
+def test_corrupt_file_skipped_or_fatal(tree, tmp_path, caplog):
+    explicit = dict(forget_classes=["n002"], retain_classes=["n003"], train_per_class=None)
+    with caplog.at_level(logging.WARNING):
+        data_dir = prepare_tree(tree, tmp_path / "skip", **explicit)
+    m = load_manifest(data_dir)
+    assert m["corrupt"] == {"forget_train": [{"file": f"train/{CORRUPT}", "error": m["corrupt"]["forget_train"][0]["error"]}]}
+    assert m["splits"]["forget_train"]["count"] == TRAIN_PER_CLASS and "broken_0003.JPEG" in caplog.text
+    assert "class_draw" not in m
+    with pytest.raises(DataError, match="broken_0003.JPEG.*on_corrupt=skip"):
+        prepare_tree(tree, tmp_path / "fail", on_corrupt="fail", **explicit)
+    assert not any((tmp_path / "fail").glob("tiny_folder-*"))  # nothing half-written is left
+
+
+def test_resize_and_centre_crop(tmp_path):
+    from i2i_unlearning.data.image_folder import load_square
+
+    img = np.zeros((40, 80, 3), np.uint8)
+    img[:, 20:60] = 255  # the centre square is white
+    Image.fromarray(img).save(tmp_path / "wide.png")
+    out = load_square(tmp_path / "wide.png", 20, 3)
+    assert out.shape == (20, 20, 3) and out[:, 1:-1].min() >= 250 and out.min() > 200  # bicubic edge
+
+
+def test_bad_folder_settings_fail_clearly(tmp_path, tree):
+    with pytest.raises(DataError, match="missing"):
+        ImageFolderSource(str(tmp_path / "nowhere")).class_names
+    with pytest.raises(ConfigError, match="on_corrupt"):
+        ImageFolderSource(str(tree), on_corrupt="ignore")
+    with pytest.raises(ConfigError, match="num_forget_classes"):
+        prepare_tree(tree, tmp_path, num_forget_classes=None)
+    with pytest.raises(ConfigError, match="only 6 classes"):
+        prepare_tree(tree, tmp_path, num_forget_classes=5)
+
+
+def test_image_folder_configs_compose():
+    from conftest import compose_cfg
+
+    for name, layout, n in (("imagenet", "flat", 100), ("places365", "nested", 50)):
+        cfg = compose_cfg([f"data={name}"])
+        assert cfg.data.source.layout == layout and cfg.data.num_forget_classes == n
+        assert cfg.data.source.name == name

@@ -33,6 +33,7 @@ from .report.figures import save_grid
 from .runs import stable_hash
 from .unlearning.cascaded import GANContext, GANMethod, auc, forgotten_share, retain_stream
 from .unlearning.methods import Finetune, Reference
+from .weights import load_weights
 
 log = logging.getLogger("i2iu")
 
@@ -117,13 +118,20 @@ def trained_gan(cfg: DictConfig, data_dir: Path, kind: str, images: torch.Tensor
     images, so class and item unlearning on one data set share the original), the model config and
     the kind. Both use the same recipe (``model.train``); the training wall-clock time is recorded.
     """
+    if cfg.model.get("pretrained") is not None and kind == "original":  # loaded, not trained
+        L.seed_everything(cfg.model.train.seed, workers=True, verbose=False)
+        model = instantiate(cfg.model)
+        info = load_weights(model, cfg.model.pretrained, what="model.pretrained")
+        log.info("original DCGAN: %d tensors loaded from %s", info["tensors"], info["path"])
+        return model.eval(), {"kind": kind, "train_s": 0.0, "pretrained": info}
     manifest = load_manifest(data_dir)
     order = sorted(range(len(keys)), key=keys.__getitem__)
     images, keys = images[order], [keys[i] for i in order]
     source = instantiate(cfg.data.source)
     key = stable_hash({"source": [source.name, source.settings()], "image_size": manifest["image_size"],
                        "images": stable_hash(keys, 16), "kind": kind,
-                       "model": {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "eval"},
+                       "model": {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
+                                 if k not in ("eval", "pretrained")},
                        "precision": cfg.trainer.precision})
     path = Path(cfg.paths.cache_dir) / "models" / f"{cfg.model.name}-{kind}-{key}.pt"
     meta_path = path.with_suffix(".json")

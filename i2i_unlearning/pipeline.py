@@ -34,6 +34,7 @@ from .report.figures import save_grid
 from .runs import stable_hash
 from .unlearning.methods import UnlearningMethod
 from .unlearning.module import UnlearnModule
+from .weights import load_weights
 
 log = logging.getLogger("i2iu")
 TRAIN_SPLITS = ("forget_train", "retain_train", "proxy_train")
@@ -125,9 +126,13 @@ def stage_context(cfg: DictConfig, data_dir: Path, kind: str, patch: int, workdi
 
 
 def trained_model(cfg: DictConfig, data_dir: Path, kind: str, net=None) -> tuple[Family, dict]:
-    """The family trained on all classes (``original``) or on retain only (``retrain``), cached."""
-    manifest = json.loads((data_dir / "manifest.json").read_text())
+    """The family trained on all classes (``original``) or on retain only (``retrain``), cached; with
+    ``model.pretrained`` set, the original is loaded from that file instead (the retrain is trained)."""
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    pretrained = model_cfg.pop("pretrained", None)  # never part of the key: retrain is trained either way
+    if pretrained is not None and kind == "original":
+        return pretrained_model(cfg, pretrained)
+    manifest = json.loads((data_dir / "manifest.json").read_text())
     degradation = {k: OmegaConf.to_container(cfg.data)[k] for k in ("mask_ratio", "mask_kinds", "num_workers")}
     key = stable_hash({"data": manifest["config_hash"], "degradation": degradation, "model": model_cfg,
                        "kind": kind, "precision": cfg.trainer.precision})
@@ -158,6 +163,14 @@ def trained_model(cfg: DictConfig, data_dir: Path, kind: str, net=None) -> tuple
         torch_save(path, model.state_dict())
         write_json(meta_path, meta)
     return model.eval(), meta
+
+
+def pretrained_model(cfg: DictConfig, path: str) -> tuple[Family, dict]:
+    """The original model loaded from ``model.pretrained`` (a local weights file, see weights.py), not trained."""
+    model: Family = instantiate(cfg.model, _convert_="all")
+    info = load_weights(model, path, what="model.pretrained")
+    log.info("original %s model: %d tensors loaded from %s", cfg.model.name, info["tensors"], info["path"])
+    return model.eval(), {"kind": "original", "train_s": 0.0, "pre_train": {}, "pretrained": info}
 
 
 def unlearn(cfg: DictConfig, data_dir: Path, start: Family, method: UnlearningMethod, logger,

@@ -151,3 +151,100 @@ def test_image_folder_configs_compose():
         cfg = compose_cfg([f"data={name}"])
         assert cfg.data.source.layout == layout and cfg.data.num_forget_classes == n
         assert cfg.data.source.name == name
+
+
+# ---- pretrained weights from local files ------------------------------------------------------------------
+def tiny_cfg(tmp: Path, family: str, *extra: str):
+    from conftest import compose_cfg, tiny_overrides
+
+    return compose_cfg(tiny_overrides(tmp, model=family, extra=list(extra)))
+
+
+def tiny_model(tmp: Path, family: str):
+    from hydra.utils import instantiate
+
+    torch.manual_seed(1)
+    return instantiate(tiny_cfg(tmp, family).model, _convert_="all")
+
+
+def original_from(tmp: Path, family: str, path: Path):
+    """The pipeline's original model with model.pretrained=path (no data needed: nothing is trained)."""
+    from i2i_unlearning import gan_pipeline, pipeline
+
+    cfg = tiny_cfg(tmp, family, f"model.pretrained={path}")
+    if family == "gan":
+        return gan_pipeline.trained_gan(cfg, tmp / "no-data", "original", None, None)
+    return pipeline.trained_model(cfg, tmp / "no-data", "original")
+
+
+def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("family", ["mae", "vqgan", "diffusion", "gan"])
+def test_family_loads_its_own_checkpoint(tmp_path, family):
+    model = tiny_model(tmp_path, family)
+    path = tmp_path / "checkpoint.pt"
+    torch.save(model.state_dict(), path)  # what the pipeline saves (run dirs' checkpoint.pt, cached models)
+    loaded, meta = original_from(tmp_path, family, path)
+    assert same_state(loaded, model) and not loaded.training
+    assert meta["train_s"] == 0.0 and meta["pretrained"]["path"] == str(path)
+
+
+def test_safetensors_and_wrapped_checkpoints(tmp_path):
+    from safetensors.torch import save_file
+
+    model = tiny_model(tmp_path, "mae")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, tmp_path / "mae.safetensors")
+    assert same_state(original_from(tmp_path, "mae", tmp_path / "mae.safetensors")[0], model)
+    # the official MAE release: {"model": ...} with its fixed sin-cos position tables (with a [CLS] slot)
+    official = {**state, "pos_embed": torch.zeros(1, 1 + model.num_patches, model.pos_embed.shape[-1]),
+                "decoder_pos_embed": torch.zeros(1, 1 + model.num_patches, model.decoder_pos_embed.shape[-1])}
+    torch.save({"model": official, "epoch": 799}, tmp_path / "mae_official.pth")
+    assert same_state(original_from(tmp_path, "mae", tmp_path / "mae_official.pth")[0], model)
+
+
+def test_diffusion_loads_a_diffusers_unet_folder(tmp_path):
+    model = tiny_model(tmp_path, "diffusion")
+    model.unet.save_pretrained(tmp_path / "unet")  # config.json + diffusion_pytorch_model.safetensors
+    assert same_state(original_from(tmp_path, "diffusion", tmp_path / "unet")[0], model)
+
+
+def test_wrong_keys_fail_with_their_names(tmp_path):
+    state = tiny_model(tmp_path, "mae").state_dict()
+    state["blocks.0.attn.qkv.weight_renamed"] = state.pop("blocks.0.attn.qkv.weight")
+    state.pop("decoder_pred.bias")
+    state["norm.weight"] = torch.zeros(7)
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(ConfigError) as err:
+        original_from(tmp_path, "mae", tmp_path / "bad.pt")
+    text = str(err.value)
+    assert "model.pretrained=" in text and "bad.pt" in text
+    for name in ("blocks.0.attn.qkv.weight", "decoder_pred.bias", "blocks.0.attn.qkv.weight_renamed",
+                 "norm.weight (7,)"):
+        assert name in text
+    with pytest.raises(ConfigError, match="no such file"):
+        original_from(tmp_path, "mae", tmp_path / "missing.pt")
+
+
+class Exploit:
+    """Unpickling this would run a shell command."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"weight": torch.zeros(2), "payload": Exploit(marker)}, tmp_path / "evil.pt")
+    with open(tmp_path / "evil.pkl", "wb") as f:
+        pickle.dump(Exploit(marker), f)
+    for name in ("evil.pt", "evil.pkl"):
+        with pytest.raises(ConfigError, match="refused to load"):
+            original_from(tmp_path, "mae", tmp_path / name)
+    assert not marker.exists()

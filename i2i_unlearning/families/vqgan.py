@@ -104,6 +104,7 @@ class VQGAN(Family):
         latent_margin: int = 1,
         train: dict | None = None,
         name: str = "vqgan",
+        pretrained: str | None = None,  # read by the pipeline (weights of the original model)
     ):
         super().__init__(image_size, channels, train)
         tokenizer_channels = list(tokenizer_channels)

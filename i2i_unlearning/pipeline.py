@@ -51,6 +51,9 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.model.channels != cfg.data.channels:
         raise ConfigError(f"model.channels={cfg.model.channels} differs from data.channels={cfg.data.channels}")
     from .data.degrade import task_mask_fn
+    from .metrics.models import check_metrics_config
+
+    check_metrics_config(cfg.metrics)  # weights files of paper metrics: fail before any work
 
     for task in [cfg.task, *cfg.extra_tasks]:
         try:

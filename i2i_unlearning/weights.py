@@ -36,6 +36,12 @@ def _diffusers_file(folder: Path) -> Path:
     )
 
 
+def _culprit(exc: Exception) -> str:
+    """The line of torch's weights-only error that names what the pickle asked for (e.g. posix.system)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if "Unsupported" in ln or "GLOBAL" in ln]
+    return f"The pickle asks for: {lines[0]}" if lines else ""
+
+
 def _is_state_dict(obj) -> bool:
     return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, Tensor) for v in obj.values())
 
@@ -64,8 +70,7 @@ def read_state_dict(path: str | Path, what: str = "weights") -> dict[str, Tensor
             raise ConfigError(
                 f"{what}={path}: refused to load. The file is a pickle that holds more than tensors "
                 f"(loading it could run code), and only plain state dicts are read (torch.load weights_only). "
-                f"Convert it once, in a trusted environment, to a state dict or a .safetensors file. Detail: "
-                f"{str(exc).splitlines()[0]}"
+                f"Convert it once, in a trusted environment, to a state dict or a .safetensors file. {_culprit(exc)}"
             ) from None
         except (RuntimeError, OSError, EOFError, ValueError) as exc:
             raise ConfigError(f"{what}={path}: not a readable torch weights file ({exc})") from None
@@ -90,12 +95,14 @@ def _listing(names: list[str], limit: int = 40) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def load_weights(module: nn.Module, path: str | Path, what: str = "weights") -> dict:
+def load_weights(module: nn.Module, path: str | Path, what: str = "weights",
+                 state: dict[str, Tensor] | None = None) -> dict:
     """Load a local weights file into ``module`` strictly; returns {"path", "tensors"}.
 
     A module may define ``adapt_pretrained(state_dict) -> state_dict`` to accept an external layout
-    (e.g. a bare diffusers UNet). Missing, unexpected and mis-shaped tensors fail with their names."""
-    state = read_state_dict(path, what)
+    (e.g. a bare diffusers UNet). Missing, unexpected and mis-shaped tensors fail with their names.
+    ``state``: the file's tensors when the caller has already read them (`read_state_dict`)."""
+    state = read_state_dict(path, what) if state is None else state
     adapt = getattr(module, "adapt_pretrained", None)
     if adapt is not None:
         state = adapt(state)

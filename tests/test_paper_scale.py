@@ -248,3 +248,107 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
         with pytest.raises(ConfigError, match="refused to load"):
             original_from(tmp_path, "mae", tmp_path / name)
     assert not marker.exists()
+
+
+# ---- Inception / CLIP feature models from local weights files -----------------------------------------------
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory) -> Path:
+    """A randomly initialised torchvision Inception-v3 (with its aux head, as torchvision's file) saved to disk."""
+    from torchvision.models import Inception3
+
+    torch.manual_seed(0)
+    net = Inception3(num_classes=1000, aux_logits=True, init_weights=False)
+    path = tmp_path_factory.mktemp("weights") / "inception_v3_google-0cc3c7bd.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_inception_fid_runs_end_to_end(inception_file, tmp_path):
+    from i2i_unlearning.metrics.evaluate import SplitScorer
+    from i2i_unlearning.metrics.models import feature_models
+
+    cfg = tiny_cfg(tmp_path, "mae", "metrics.features=inception", f"metrics.inception_weights={inception_file}")
+    net, embed, info = feature_models(cfg.metrics, default_net=lambda: pytest.fail("default net built"))
+    assert embed is None and info["features"] == "inception" and info["variant"] == "torchvision"
+    assert (net.embed_dim, net.in_channels, net.image_size) == (2048, 3, 299)
+    gen = torch.Generator().manual_seed(0)
+    truth = torch.rand(6, 1, 32, 32, generator=gen)  # grey 32 px images: widened to RGB, resized to 299
+    outputs = (truth + 0.3 * torch.rand(6, 1, 32, 32, generator=gen)).clamp(0, 1)
+    scorer = SplitScorer(net, is_splits=2)
+    for i in (0, 3):
+        scorer.update(outputs[i:i + 3], truth[i:i + 3], torch.tensor([0, 1, 2]))
+    scores = scorer.compute()
+    assert scores["n"] == 6 and all(np.isfinite(scores[k]) for k in ("fid", "is", "cos", "class_acc"))
+
+
+def test_fid_inception_file_runs_as_the_fid_network(tmp_path):
+    """The 1008-class FID weights (same tensor names) switch the mixed blocks' pooling."""
+    from torchvision.models import Inception3
+
+    from i2i_unlearning.metrics.inception import InceptionFeatures
+
+    torch.manual_seed(0)
+    path = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save(Inception3(num_classes=1008, aux_logits=False, init_weights=False).state_dict(), path)
+    net = InceptionFeatures(path)
+    assert net.variant == "fid" and net.num_classes == 1008
+    x = torch.rand(1, 3, 299, 299)
+    e, logits = net.embed_with_logits(x)
+    plain = Inception3(num_classes=1008, aux_logits=False, init_weights=False).eval()
+    plain.load_state_dict(torch.load(path, weights_only=True))
+    plain.fc = torch.nn.Identity()
+    assert e.shape == (1, 2048) and logits.shape == (1, 1008)
+    assert not torch.allclose(e, plain(x * 2 - 1))  # the FID graph's pooling differs from torchvision's
+
+
+def test_missing_weights_file_fails_before_any_work(tmp_path):
+    from i2i_unlearning import pipeline
+
+    missing = tmp_path / "nowhere" / "inception_v3_google-0cc3c7bd.pth"
+    cfg = tiny_cfg(tmp_path, "mae", "metrics.features=inception", f"metrics.inception_weights={missing}")
+    with pytest.raises(ConfigError) as err:
+        pipeline.run(cfg, tmp_path / "run", "hash")
+    assert str(missing) in str(err.value) and "inception_v3_google-0cc3c7bd.pth" in str(err.value)
+    assert "download.pytorch.org" in str(err.value)
+    assert not (tmp_path / "cache").exists()  # no data prepared, nothing trained or generated
+    cfg = tiny_cfg(tmp_path, "mae", "metrics.features=inception")
+    with pytest.raises(ConfigError, match="metrics.inception_weights is not set"):
+        pipeline.run(cfg, tmp_path / "run", "hash")
+    cfg = tiny_cfg(tmp_path, "mae", "metrics.embedding=clip", f"metrics.clip_weights={tmp_path / 'clip.bin'}")
+    with pytest.raises(ConfigError, match=r"clip\.bin: the file does not exist.*laion/CLIP-ViT-H-14"):
+        pipeline.run(cfg, tmp_path / "run", "hash")
+
+
+def test_metric_defaults_keep_config_hashes(tmp_path):
+    """The new keys at their defaults leave run hashes (and so existing run dirs) as they were."""
+    from i2i_unlearning.runs import semantic_config
+
+    c = semantic_config(tiny_cfg(tmp_path, "mae"))
+    assert "pretrained" not in c["model"] and not {"features", "embedding", "inception_weights"} & set(c["metrics"])
+    c = semantic_config(tiny_cfg(tmp_path, "mae", "metrics.features=inception", "model.pretrained=/x.pt"))
+    assert c["metrics"]["features"] == "inception" and c["model"]["pretrained"] == "/x.pt"
+
+
+def test_clip_embeddings_from_a_local_file(tmp_path):
+    open_clip = pytest.importorskip("open_clip", reason="open_clip (the optional extra [clip]) is not installed")
+    from i2i_unlearning.metrics.models import feature_models
+
+    tiny = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+            "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "tiny-clip-test.json").write_text(json.dumps(tiny))
+    open_clip.add_model_config(tmp_path / "tiny-clip-test.json")
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-clip-test", pretrained=None)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "clip.safetensors")
+    cfg = tiny_cfg(tmp_path, "mae", "metrics.embedding=clip", "metrics.clip_model=tiny-clip-test",
+                   f"metrics.clip_weights={tmp_path / 'clip.safetensors'}")
+    net, embed, info = feature_models(cfg.metrics, default_net=lambda: (torch.nn.Identity(), {"test_acc": 1.0}))
+    assert info["embedding"] == "clip" and embed.embed_dim == 16 and embed.image_size == 32
+    x = torch.rand(4, 3, 32, 32)
+    e, logits = embed.embed_with_logits(x)
+    assert e.shape == (4, 16) and logits.shape == (4, 0)
+    assert torch.allclose(e.norm(dim=1), torch.ones(4), atol=1e-5)
+    ref = model.encode_image((x - embed.mean) / embed.std, normalize=True)
+    assert torch.allclose(e, ref, atol=1e-5)

@@ -352,3 +352,19 @@ def test_clip_embeddings_from_a_local_file(tmp_path):
     assert torch.allclose(e.norm(dim=1), torch.ones(4), atol=1e-5)
     ref = model.encode_image((x - embed.mean) / embed.std, normalize=True)
     assert torch.allclose(e, ref, atol=1e-5)
+
+
+def test_image_folder_run_end_to_end(tmp_path):
+    """data=image_folder through the whole pipeline (tiny MAE, RGB 32 px, drawn classes, proxy unlearning)."""
+    from i2i_unlearning import pipeline
+
+    root = make_tree(tmp_path / "tree", corrupt=False)
+    cfg = tiny_cfg(tmp_path, "mae", "data=image_folder", f"data.source.root={root}", "data.image_size=32",
+                   "data.train_per_class=6", "data.eval_per_class=3", "data.proxy_per_class=2",
+                   "data.num_workers=0", "data.shard_size=8", "method=ours_proxy", "method.steps=2",
+                   "method.batch_size=4", "metrics.audit=false")
+    metrics = pipeline.run(cfg, tmp_path / "run", "hash")
+    assert metrics["status"] == "ok" and metrics["dataset"] == "image_folder"
+    assert metrics["metrics"]["forget_n"] == 6 and metrics["metrics"]["retain_n"] == 6
+    data_dir = next((tmp_path / "cache" / "data").glob("image_folder-*"))
+    assert load_manifest(data_dir)["splits"]["proxy_train"]["count"] == 4

@@ -368,3 +368,18 @@ def test_image_folder_run_end_to_end(tmp_path):
     assert metrics["metrics"]["forget_n"] == 6 and metrics["metrics"]["retain_n"] == 6
     data_dir = next((tmp_path / "cache" / "data").glob("image_folder-*"))
     assert load_manifest(data_dir)["splits"]["proxy_train"]["count"] == 4
+
+
+@pytest.mark.parametrize("preset,family,data,size", [("imagenet_mae", "mae", "imagenet", 224),
+                                                      ("imagenet_vqgan", "vqgan", "imagenet", 256),
+                                                      ("places_diffusion", "diffusion", "places365", 256)])
+def test_paper_presets_compose(preset, family, data, size):
+    from conftest import compose_cfg
+
+    from i2i_unlearning.pipeline import check_config
+
+    cfg = compose_cfg([f"experiment=[{preset},table1]", "paths.weights_dir=/nowhere"])
+    assert (cfg.model.name, cfg.data.name, cfg.model.image_size, cfg.data.image_size) == (family, data, size, size)
+    assert cfg.metrics.features == "inception" and cfg.metrics.embedding == "clip"
+    with pytest.raises(ConfigError, match="/nowhere/inception_v3_google-0cc3c7bd.pth"):
+        check_config(cfg)  # the weights are checked before anything else runs

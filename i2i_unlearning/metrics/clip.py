@@ -21,8 +21,8 @@ from i2i_unlearning.metrics.inception import check_weights_file
 from i2i_unlearning.weights import load_weights
 
 WEIGHTS_HELP = (
-    "Put a local copy of the OpenCLIP weights of metrics.clip_model there (the paper: ViT-H-14, "
-    "laion2b_s32b_b79k, the file open_clip_pytorch_model.safetensors or open_clip_pytorch_model.bin of "
+    "Put a local copy of the OpenCLIP weights of metrics.clip_model there (the paper: ViT-H-14 with the "
+    "LAION-2B s32b_b79k weights, the open_clip weights file, .safetensors or open_clip_pytorch_model.bin, of "
     "the Hugging Face repository laion/CLIP-ViT-H-14-laion2B-s32B-b79K) and set "
     "metrics.clip_weights=/path/to/that/file"
 )

@@ -135,7 +135,7 @@ def test_resize_and_centre_crop(tmp_path):
 
 def test_bad_folder_settings_fail_clearly(tmp_path, tree):
     with pytest.raises(DataError, match="missing"):
-        ImageFolderSource(str(tmp_path / "nowhere")).class_names
+        _ = ImageFolderSource(str(tmp_path / "nowhere")).class_names
     with pytest.raises(ConfigError, match="on_corrupt"):
         ImageFolderSource(str(tree), on_corrupt="ignore")
     with pytest.raises(ConfigError, match="num_forget_classes"):

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-
 from tqdm import tqdm
 
 from i2i_unlearning.data.shards import ShardWriter, write_shards
@@ -422,7 +421,7 @@ def _stream_split(source, source_split: str, paths: list[str], labels: np.ndarra
     writer = ShardWriter(out_dir, split, shard_size)
     kept, bad = [], []
     results = decode((source.path(source_split, paths[i]) for i in indices), image_size, source.channels)
-    for i, (png, error) in tqdm(zip(indices, results), total=len(indices), desc=f"decoding {split}",
+    for i, (png, error) in tqdm(zip(indices, results, strict=True), total=len(indices), desc=f"decoding {split}",
                                 unit="img", disable=None):
         if png is None:
             log.warning("%s: cannot decode %s (%s)", split, source.path(source_split, paths[i]), error)

@@ -54,6 +54,13 @@ def check_config(cfg: DictConfig) -> None:
     from .metrics.models import check_metrics_config
 
     check_metrics_config(cfg.metrics)  # weights files of paper metrics: fail before any work
+    paper_metrics = {k: cfg.metrics[k] for k, default in (("features", "default"), ("embedding", "features"))
+                     if cfg.metrics.get(k, default) != default}
+    if paper_metrics and gan_pipeline.model_kind(cfg.model) == "gan":
+        raise ConfigError(
+            f"{', '.join(f'metrics.{k}={v}' for k, v in paper_metrics.items())}: the GAN run path scores with "
+            f"the data set's own feature network only; drop these for model={cfg.model.name}"
+        )
 
     for task in [cfg.task, *cfg.extra_tasks]:
         try:

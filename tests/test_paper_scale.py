@@ -383,3 +383,14 @@ def test_paper_presets_compose(preset, family, data, size):
     assert cfg.metrics.features == "inception" and cfg.metrics.embedding == "clip"
     with pytest.raises(ConfigError, match="/nowhere/inception_v3_google-0cc3c7bd.pth"):
         check_config(cfg)  # the weights are checked before anything else runs
+
+
+def test_gan_refuses_paper_metrics(tmp_path, inception_file):
+    from conftest import compose_cfg, tiny_overrides
+
+    from i2i_unlearning.pipeline import check_config
+
+    cfg = compose_cfg(tiny_overrides(tmp_path, model="gan", method="cascaded", extra=[
+        "metrics.features=inception", f"metrics.inception_weights={inception_file}"]))
+    with pytest.raises(ConfigError, match="GAN run path"):
+        check_config(cfg)

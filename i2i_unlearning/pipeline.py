@@ -140,6 +140,8 @@ def trained_model(cfg: DictConfig, data_dir: Path, kind: str, net=None) -> tuple
     ``model.pretrained`` set, the original is loaded from that file instead (the retrain is trained)."""
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     pretrained = model_cfg.pop("pretrained", None)  # never part of the key: retrain is trained either way
+    if model_cfg.get("pretrained_tokenizer", 0) is None:  # unset: the key it always had
+        del model_cfg["pretrained_tokenizer"]
     if pretrained is not None and kind == "original":
         return pretrained_model(cfg, pretrained)
     manifest = json.loads((data_dir / "manifest.json").read_text())

@@ -15,9 +15,9 @@ NON_SEMANTIC_KEYS = ("trainer", "logger", "paths", "hydra", "resume", "metrics.e
 
 # Keys added after runs were recorded, left out of the hash while they hold the default that means
 # "as before", so existing run dirs and caches keep their names.
-OMITTED_AT_DEFAULT = {"model.pretrained": None, "metrics.features": "default", "metrics.embedding": "features",
-                      "metrics.inception_weights": None, "metrics.clip_weights": None,
-                      "metrics.clip_model": "ViT-H-14"}
+OMITTED_AT_DEFAULT = {"model.pretrained": None, "model.pretrained_tokenizer": None, "metrics.features": "default",
+                      "metrics.embedding": "features", "metrics.inception_weights": None,
+                      "metrics.clip_weights": None, "metrics.clip_model": "ViT-H-14"}
 
 
 def stable_hash(obj: Any, length: int = 12) -> str:

@@ -394,3 +394,19 @@ def test_gan_refuses_paper_metrics(tmp_path, inception_file):
         "metrics.features=inception", f"metrics.inception_weights={inception_file}"]))
     with pytest.raises(ConfigError, match="GAN run path"):
         check_config(cfg)
+
+
+def test_vqgan_loads_a_pretrained_tokenizer(tmp_path):
+    """model.pretrained_tokenizer: a diffusers VQModel folder; the tokenizer stage loads it instead of training."""
+    from i2i_unlearning import pipeline
+    from i2i_unlearning.families.vqgan import build_tokenizer
+
+    model = tiny_model(tmp_path, "vqgan")
+    torch.manual_seed(5)
+    vq = build_tokenizer(**model._tokenizer_args)
+    vq.save_pretrained(tmp_path / "vq")
+    cfg = tiny_cfg(tmp_path, "vqgan", f"model.pretrained_tokenizer={tmp_path / 'vq'}", "model.train.epochs=0.1")
+    data_dir = pipeline.prepare_data(cfg)
+    trained, meta = pipeline.trained_model(cfg, data_dir, "retrain")
+    assert meta["pre_train"]["tokenizer"] == "pretrained" and "tokenizer_psnr" in meta["pre_train"]
+    assert all(torch.equal(trained.tokenizer.state_dict()[k], v) for k, v in vq.state_dict().items())

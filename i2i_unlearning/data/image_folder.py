@@ -7,7 +7,7 @@ size (bicubic) and centre-crop a square, then encode the shard PNG. A file that 
 reported by its path and skipped or fatal (``on_corrupt``); files whose extension is not an image
 extension are ignored.
 
-This module imports no torch: worker processes start quickly.
+This module imports no torch; worker processes only decode with PIL.
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ def _png_batch(jobs: list[tuple[str, int, int]]) -> list[tuple[bytes | None, str
 
 
 class ParallelDecoder:
-    """Decode image files to square PNGs in order, with ``workers`` spawned processes (0: in this process).
+    """Decode image files to square PNGs in order, with ``workers`` processes (0: in this process).
 
     At most ``4 * workers`` chunks of ``chunk`` files are in flight, so memory stays bounded however long
     the file list is. Use as a context manager (the pool is shut down on exit).
@@ -200,8 +200,10 @@ class ParallelDecoder:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            # spawn: workers import only PIL / numpy, never inherit the parent's threads or CUDA state
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            # fork where the platform has it, as torch's DataLoader does: workers start at once and need no
+            # importable __main__; they only decode with PIL (no torch, no CUDA, no locks of the parent)
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(method))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -216,12 +218,19 @@ class ParallelDecoder:
             yield from map(png_of_file, jobs)
             return
         from collections import deque
+        from concurrent.futures.process import BrokenProcessPool
         from itertools import islice
 
         chunks = iter(lambda: list(islice(jobs, self.chunk)), [])
         pending = deque(self._pool.submit(_png_batch, c) for c in islice(chunks, 4 * self.workers))
         while pending:
-            results = pending.popleft().result()
+            try:
+                results = pending.popleft().result()
+            except BrokenProcessPool as exc:
+                raise DataError(
+                    f"an image-decoding worker process died ({exc}); run prepare with data.num_workers=0 to decode "
+                    "in this process and see the error"
+                ) from None
             nxt = next(chunks, None)
             if nxt is not None:
                 pending.append(self._pool.submit(_png_batch, nxt))

@@ -410,3 +410,9 @@ def test_vqgan_loads_a_pretrained_tokenizer(tmp_path):
     trained, meta = pipeline.trained_model(cfg, data_dir, "retrain")
     assert meta["pre_train"]["tokenizer"] == "pretrained" and "tokenizer_psnr" in meta["pre_train"]
     assert all(torch.equal(trained.tokenizer.state_dict()[k], v) for k, v in vq.state_dict().items())
+
+
+def test_parallel_decoding_gives_the_same_shards(tree, tmp_path):
+    serial = load_manifest(prepare_tree(tree, tmp_path / "serial", workers=0))
+    parallel = load_manifest(prepare_tree(tree, tmp_path / "parallel", workers=2))
+    assert serial["splits"] == parallel["splits"] and serial["config_hash"] == parallel["config_hash"]

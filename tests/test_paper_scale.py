@@ -416,3 +416,12 @@ def test_parallel_decoding_gives_the_same_shards(tree, tmp_path):
     serial = load_manifest(prepare_tree(tree, tmp_path / "serial", workers=0))
     parallel = load_manifest(prepare_tree(tree, tmp_path / "parallel", workers=2))
     assert serial["splits"] == parallel["splits"] and serial["config_hash"] == parallel["config_hash"]
+
+
+def test_unwired_paper_metrics_are_refused_not_ignored(tmp_path, inception_file):
+    """Until pipeline.run scores with them, asking for Inception / CLIP fails instead of silently using the default."""
+    from i2i_unlearning.pipeline import check_config
+
+    cfg = tiny_cfg(tmp_path, "mae", "metrics.features=inception", f"metrics.inception_weights={inception_file}")
+    with pytest.raises(ConfigError, match="not yet wired"):
+        check_config(cfg)

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from .atomic import torch_save, write_json
-from .data.prepare import load_manifest, prepare
+from .data.prepare import config_kwargs, load_manifest, prepare
 from .data.shards import read_shard, verify_shards
 from .errors import ConfigError
 from .families.gan import DCGAN, BatchStream
@@ -33,6 +33,7 @@ from .report.figures import save_grid
 from .runs import stable_hash
 from .unlearning.cascaded import GANContext, GANMethod, auc, forgotten_share, retain_stream
 from .unlearning.methods import Finetune, Reference
+from .weights import load_weights
 
 log = logging.getLogger("i2iu")
 
@@ -76,11 +77,7 @@ def prepare_gan_data(cfg: DictConfig) -> Path:
     kind = d.get("forget_kind", "class")
     items = d.get("forget_items")
     return prepare(
-        instantiate(d.source), Path(cfg.paths.cache_dir) / "data",
-        forget_classes=list(d.forget_classes), retain_classes=list(d.retain_classes),
-        proxy_classes=None if d.proxy_classes is None else list(d.proxy_classes),
-        image_size=d.image_size, train_per_class=d.train_per_class, eval_per_class=d.eval_per_class,
-        shard_size=d.shard_size, seed=d.get("split_seed", 0), forget_kind=kind,
+        instantiate(d.source), Path(cfg.paths.cache_dir) / "data", **config_kwargs(d), forget_kind=kind,
         forget_items=None if items is None else list(items),
         forget_item_count=d.get("forget_item_count") if kind == "item" and items is None else None,
     )
@@ -121,13 +118,20 @@ def trained_gan(cfg: DictConfig, data_dir: Path, kind: str, images: torch.Tensor
     images, so class and item unlearning on one data set share the original), the model config and
     the kind. Both use the same recipe (``model.train``); the training wall-clock time is recorded.
     """
+    if cfg.model.get("pretrained") is not None and kind == "original":  # loaded, not trained
+        L.seed_everything(cfg.model.train.seed, workers=True, verbose=False)
+        model = instantiate(cfg.model)
+        info = load_weights(model, cfg.model.pretrained, what="model.pretrained")
+        log.info("original DCGAN: %d tensors loaded from %s", info["tensors"], info["path"])
+        return model.eval(), {"kind": kind, "train_s": 0.0, "pretrained": info}
     manifest = load_manifest(data_dir)
     order = sorted(range(len(keys)), key=keys.__getitem__)
     images, keys = images[order], [keys[i] for i in order]
     source = instantiate(cfg.data.source)
     key = stable_hash({"source": [source.name, source.settings()], "image_size": manifest["image_size"],
                        "images": stable_hash(keys, 16), "kind": kind,
-                       "model": {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "eval"},
+                       "model": {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
+                                 if k not in ("eval", "pretrained")},
                        "precision": cfg.trainer.precision})
     path = Path(cfg.paths.cache_dir) / "models" / f"{cfg.model.name}-{kind}-{key}.pt"
     meta_path = path.with_suffix(".json")

@@ -27,16 +27,18 @@ from . import checkpointing, distributed, gan_pipeline
 from .atomic import torch_save, write_atomic, write_json, write_text
 from .data.datamodule import ForgetRetainDataModule
 from .data.degrade import fill
-from .data.prepare import prepare
+from .data.prepare import config_kwargs, prepare
 from .errors import ConfigError
 from .families.base import Family, StageContext
 from .metrics.audit import membership_audit, sample_scores
 from .metrics.evaluate import SplitScorer, class_acc
 from .metrics.features import load_or_train_feature_net, tensor_batches
+from .metrics.models import feature_models
 from .report.figures import save_grid
 from .runs import stable_hash
 from .unlearning.methods import UnlearningMethod
 from .unlearning.module import UnlearnModule, compile_hooks, to_channels_last
+from .weights import load_weights
 
 log = logging.getLogger("i2iu")
 TRAIN_SPLITS = ("forget_train", "retain_train", "proxy_train")
@@ -53,7 +55,16 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.model.channels != cfg.data.channels:
         raise ConfigError(f"model.channels={cfg.model.channels} differs from data.channels={cfg.data.channels}")
     from .data.degrade import task_mask_fn
+    from .metrics.models import check_metrics_config
 
+    check_metrics_config(cfg.metrics)  # weights files of paper metrics: fail before any work
+    paper_metrics = {k: cfg.metrics[k] for k, default in (("features", "default"), ("embedding", "features"))
+                     if cfg.metrics.get(k, default) != default}
+    if paper_metrics and gan_pipeline.model_kind(cfg.model) == "gan":
+        raise ConfigError(
+            f"{', '.join(f'metrics.{k}={v}' for k, v in paper_metrics.items())}: the GAN run path scores with "
+            f"the data set's own feature network only; drop these for model={cfg.model.name}"
+        )
     for task in [cfg.task, *cfg.extra_tasks]:
         try:
             task_mask_fn(task)
@@ -63,14 +74,7 @@ def check_config(cfg: DictConfig) -> None:
 
 def prepare_data(cfg: DictConfig) -> Path:
     """Shards + manifest for the configured class split (cached by its hash)."""
-    d = cfg.data
-    return prepare(
-        instantiate(d.source), Path(cfg.paths.cache_dir) / "data",
-        forget_classes=list(d.forget_classes), retain_classes=list(d.retain_classes),
-        proxy_classes=None if d.proxy_classes is None else list(d.proxy_classes),
-        image_size=d.image_size, train_per_class=d.train_per_class, eval_per_class=d.eval_per_class,
-        shard_size=d.shard_size, seed=d.get("split_seed", 0),
-    )
+    return prepare(instantiate(cfg.data.source), Path(cfg.paths.cache_dir) / "data", **config_kwargs(cfg.data))
 
 
 def datamodule(cfg: DictConfig, data_dir: Path, streams: dict, batch_size: int, steps: int, seed: int,
@@ -143,8 +147,11 @@ def stage_context(cfg: DictConfig, data_dir: Path, kind: str, patch: int, workdi
 
 def model_cache_path(cfg: DictConfig, data_dir: Path, kind: str) -> Path:
     """Where ``trained_model`` caches the ``kind`` model of this config (its .json beside it)."""
-    manifest = json.loads((data_dir / "manifest.json").read_text())
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg.pop("pretrained", None)  # never part of the key: retrain is trained either way
+    if model_cfg.get("pretrained_tokenizer", 0) is None:  # unset: the key it always had
+        del model_cfg["pretrained_tokenizer"]
+    manifest = json.loads((data_dir / "manifest.json").read_text())
     degradation = {k: OmegaConf.to_container(cfg.data)[k] for k in ("mask_ratio", "mask_kinds", "num_workers")}
     if cfg.data.get("train_task"):  # keys of models trained on random masks stay as they were
         degradation["train_task"] = cfg.data.train_task
@@ -154,7 +161,10 @@ def model_cache_path(cfg: DictConfig, data_dir: Path, kind: str) -> Path:
 
 
 def trained_model(cfg: DictConfig, data_dir: Path, kind: str, net=None) -> tuple[Family, dict]:
-    """The family trained on all classes (``original``) or on retain only (``retrain``), cached."""
+    """The family trained on all classes (``original``) or on retain only (``retrain``), cached; with
+    ``model.pretrained`` set, the original is loaded from that file instead (the retrain is trained)."""
+    if cfg.model.get("pretrained") is not None and kind == "original":
+        return pretrained_model(cfg, cfg.model.pretrained)
     manifest = json.loads((data_dir / "manifest.json").read_text())
     path = model_cache_path(cfg, data_dir, kind)
     meta_path = path.with_suffix(".json")
@@ -182,13 +192,22 @@ def trained_model(cfg: DictConfig, data_dir: Path, kind: str, net=None) -> tuple
     resume_dir = path.with_suffix("") / "resume"
     tr = trainer(cfg, steps, root=path.parent, resume_dir=resume_dir)
     checkpointing.fit_resumable(tr, model, dm, resume_dir)
-    meta = {"kind": kind, "train_s": time.perf_counter() - t0, "pre_train_s": pre_train_s, "pre_train": pre, "steps": steps, "images": n_images,
+    meta = {"kind": kind, "train_s": time.perf_counter() - t0, "pre_train_s": pre_train_s, "pre_train": pre,
+            "steps": steps, "images": n_images,
             "epochs": rec.epochs, "batch_size": rec.batch_size, "splits": STREAM_SPLITS[kind],
             "final_loss": float(tr.callback_metrics.get("train/loss", float("nan")))}
     if tr.global_rank == 0:
         torch_save(path, model.state_dict())
         write_json(meta_path, meta)
     return model.eval(), meta
+
+
+def pretrained_model(cfg: DictConfig, path: str) -> tuple[Family, dict]:
+    """The original model loaded from ``model.pretrained`` (a local weights file, see weights.py), not trained."""
+    model: Family = instantiate(cfg.model, _convert_="all")
+    info = load_weights(model, path, what="model.pretrained")
+    log.info("original %s model: %d tensors loaded from %s", cfg.model.name, info["tensors"], info["path"])
+    return model.eval(), {"kind": "original", "train_s": 0.0, "pre_train": {}, "pretrained": info}
 
 
 def unlearn(cfg: DictConfig, data_dir: Path, start: Family, method: UnlearningMethod, logger,
@@ -315,9 +334,10 @@ def evaluate(cfg: DictConfig, dm: ForgetRetainDataModule, model: Family, origina
     return metrics, floors, grid, embeddings
 
 
-def evaluate_on(device: torch.device, *args) -> tuple[dict, dict, dict, dict]:
-    """``evaluate(*args)`` on ``device`` (a rank's entry point for ``distributed.launch``); results on the CPU."""
-    metrics, floors, grid, embeddings = evaluate(*args, device=device)
+def evaluate_on(device: torch.device, cfg: DictConfig, dm: ForgetRetainDataModule, model: Family,
+                original: Family, net, embed_net=None) -> tuple[dict, dict, dict, dict]:
+    """``evaluate`` on ``device`` (a rank's entry point for ``distributed.launch``); results on the CPU."""
+    metrics, floors, grid, embeddings = evaluate(cfg, dm, model, original, net, device=device, embed_net=embed_net)
     return metrics, floors, {k: v.cpu() for k, v in grid.items()}, embeddings
 
 
@@ -331,7 +351,7 @@ def run(cfg: DictConfig, run: Path, chash: str, logger=None) -> dict:
     patch = instantiate(cfg.model).mask_patch  # a model config that cannot work fails here, before data work
     data_dir = prepare_data(cfg)
     eval_dm = datamodule(cfg, data_dir, {"retain": ["retain_train"]}, 1, 1, cfg.seed, patch)
-    net, net_info = feature_net(cfg, data_dir, eval_dm)
+    net, embed_net, net_info = feature_models(cfg.metrics, lambda: feature_net(cfg, data_dir, eval_dm))
     original, original_meta = trained_model(cfg, data_dir, "original", net)
     start, start_meta = (original, original_meta) if method.start_from == "original" else \
         trained_model(cfg, data_dir, method.start_from, net)
@@ -345,7 +365,7 @@ def run(cfg: DictConfig, run: Path, chash: str, logger=None) -> dict:
 
     log.info("evaluating %s on %s", method.name, cfg.task)
     metrics, floors, grid, embeddings = distributed.launch(cfg.trainer, evaluate_on, cfg, eval_dm, model,
-                                                           original, net)
+                                                           original, net, embed_net)
     save_grid(run / "grid.png", grid)
     if embeddings:
         def save_npz(tmp: Path) -> None:

@@ -13,6 +13,12 @@ from omegaconf import DictConfig, OmegaConf
 NON_SEMANTIC_KEYS = ("trainer", "logger", "paths", "hydra", "resume", "perf", "metrics.eval_batch_size",
                      "metrics.tsne_points")
 
+# Keys added after runs were recorded, left out of the hash while they hold the default that means
+# "as before", so existing run dirs and caches keep their names.
+OMITTED_AT_DEFAULT = {"model.pretrained": None, "model.pretrained_tokenizer": None, "metrics.features": "default",
+                      "metrics.embedding": "features", "metrics.inception_weights": None,
+                      "metrics.clip_weights": None, "metrics.clip_model": "ViT-H-14"}
+
 
 def stable_hash(obj: Any, length: int = 12) -> str:
     """Hex digest of a canonical JSON encoding of ``obj``."""
@@ -29,6 +35,10 @@ def semantic_config(cfg: DictConfig) -> dict:
             c.pop(node, None)
         elif isinstance(c.get(node), dict):
             c[node].pop(rest[0], None)
+    for key, default in OMITTED_AT_DEFAULT.items():
+        node, leaf = key.split(".")
+        if isinstance(c.get(node), dict) and leaf in c[node] and c[node][leaf] == default:
+            c[node].pop(leaf)
     return c
 
 

@@ -15,8 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-from i2i_unlearning.data.shards import write_shards
+from i2i_unlearning.data.shards import ShardWriter, write_shards
 from i2i_unlearning.data.sources import ImageSource
 from i2i_unlearning.errors import ConfigError, DataError
 from i2i_unlearning.runs import stable_hash
@@ -47,6 +48,41 @@ def _as_names(value: Sequence[str] | str | None) -> list[str]:
     if value is None:
         return []
     return [value] if isinstance(value, str) else [str(v) for v in value]
+
+
+def draw_classes(
+    source: ImageSource, forget: Sequence[str] | None, retain: Sequence[str] | None,
+    forget_count: int | None, retain_count: int | None, seed: int,
+) -> tuple[list[str], list[str], dict | None]:
+    """(forget, retain, draw record): a list left null is drawn with ``seed`` from the classes not named
+    elsewhere (``forget_count`` / ``retain_count`` classes, uniformly, forget first); record None when
+    both lists are given. The paper: ImageNet 100 + 100 of 1000 classes, Places 50 + 50."""
+    forget, retain = (None if forget is None else _as_names(forget)), (None if retain is None else _as_names(retain))
+    if forget is not None and retain is not None:
+        return forget, retain, None
+    for role, names, count in (("forget", forget, forget_count), ("retain", retain, retain_count)):
+        if names is None and (count is None or count < 1):
+            raise ConfigError(
+                f"data.{role}_classes is null, so it is drawn: set data.num_{role}_classes to a positive "
+                f"number of classes (got {count}), or list the classes"
+            )
+    valid = list(source.class_names)
+    taken = set(forget or []) | set(retain or [])
+    pool = [c for c in valid if c not in taken]
+    need = (forget_count if forget is None else 0) + (retain_count if retain is None else 0)
+    if need > len(pool):
+        raise ConfigError(
+            f"drawing {need} classes (num_forget_classes={forget_count}, num_retain_classes={retain_count}) "
+            f"but {source.name} has only {len(pool)} classes left to draw from ({len(valid)} in all)"
+        )
+    drawn = [pool[i] for i in np.random.default_rng([seed, 104729]).permutation(len(pool))[:need]]
+    record = {"seed": seed, "drawn": [r for r, names in (("forget", forget), ("retain", retain)) if names is None],
+              "num_forget_classes": forget_count, "num_retain_classes": retain_count}
+    if forget is None:
+        forget, drawn = drawn[:forget_count], drawn[forget_count:]
+    if retain is None:
+        retain = drawn[:retain_count]
+    return forget, retain, record
 
 
 def _resolve_classes(
@@ -91,7 +127,9 @@ def _check_sizes(
     eval_per_class: int | None,
     shard_size: int,
     seed: int,
+    proxy_caps: dict | None = None,
 ) -> None:
+    proxy_caps = proxy_caps or {}
     if image_size < source.image_size:
         raise ConfigError(
             f"image_size={image_size} is smaller than the {source.image_size}-pixel images of {source.name}; "
@@ -100,6 +138,9 @@ def _check_sizes(
     for name, cap in (("train_per_class", train_per_class), ("eval_per_class", eval_per_class)):
         if cap is not None and cap < 1:
             raise ConfigError(f"{name}={cap}: use a positive number of images per class, or null for all")
+    for name, cap in proxy_caps.items():
+        if cap is not None and cap < 0:
+            raise ConfigError(f"{name}={cap}: use a number of images per proxy class >= 0, or null")
     if shard_size < 1:
         raise ConfigError(f"shard_size={shard_size}: use a positive number of samples per shard")
     if seed < 0:
@@ -181,6 +222,22 @@ def _item_split(train: np.ndarray, items: dict, seed: int) -> tuple[np.ndarray, 
     return train[is_forget], train[~is_forget]
 
 
+def config_kwargs(d) -> dict:
+    """`prepare` keyword arguments of a Hydra data config (``cfg.data``) for class unlearning; the GAN
+    path adds its item settings. Keys absent from older configs take their defaults."""
+    def names(value):
+        return None if value is None else list(value)
+
+    return dict(
+        forget_classes=names(d.forget_classes), retain_classes=names(d.retain_classes),
+        proxy_classes=names(d.proxy_classes), image_size=d.image_size, train_per_class=d.train_per_class,
+        eval_per_class=d.eval_per_class, shard_size=d.shard_size, seed=d.get("split_seed", 0),
+        proxy_per_class=d.get("proxy_per_class"), proxy_eval_per_class=d.get("proxy_eval_per_class"),
+        num_forget_classes=d.get("num_forget_classes"), num_retain_classes=d.get("num_retain_classes"),
+        class_seed=d.get("class_seed", 0), workers=d.get("num_workers", 0),
+    )
+
+
 def _is_current(data_dir: Path, hash12: str) -> bool:
     try:
         return load_manifest(data_dir).get("config_hash") == hash12
@@ -202,6 +259,12 @@ def prepare(
     forget_kind: str = "class",
     forget_items: Sequence[int] | None = None,
     forget_item_count: int | None = None,
+    proxy_per_class: int | None = None,
+    proxy_eval_per_class: int | None = None,
+    num_forget_classes: int | None = None,
+    num_retain_classes: int | None = None,
+    class_seed: int = 0,
+    workers: int = 0,
 ) -> Path:
     """Build (or reuse) the data dir `out_root/{source.name}-{hash12}` and return its path.
 
@@ -209,13 +272,23 @@ def prepare(
     class by a seeded draw and zero-padded to image_size. Shard labels are the source's class indices.
     `forget_kind="item"` forgets training images instead of classes (see `_item_split`).
     Everything is validated before any image is loaded.
+
+    Class unlearning: a null ``forget_classes`` / ``retain_classes`` is drawn with ``class_seed``
+    (``num_forget_classes`` / ``num_retain_classes`` classes, see `draw_classes`; the draw is saved in
+    the manifest). ``proxy_per_class`` / ``proxy_eval_per_class`` cap the proxy splits (null: as
+    ``train_per_class`` / ``eval_per_class``; 0: empty). Image-folder sources (those with ``index``) are
+    streamed: only the selected files are decoded, by ``workers`` processes (never part of the hash).
     """
     items = _check_item_settings(forget_kind, forget_classes, forget_items, forget_item_count)
+    draw = None
     if items is None:
+        forget_classes, retain_classes, draw = draw_classes(
+            source, forget_classes, retain_classes, num_forget_classes, num_retain_classes, class_seed)
         classes = _resolve_classes(source, forget_classes, retain_classes, proxy_classes)
     else:  # item unlearning: every named class is retained, the forget set is a set of its images
         classes = _resolve_classes(source, [], retain_classes, proxy_classes, allow_empty_forget=True)
-    _check_sizes(source, image_size, train_per_class, eval_per_class, shard_size, seed)
+    proxy_caps = {"proxy_per_class": proxy_per_class, "proxy_eval_per_class": proxy_eval_per_class}
+    _check_sizes(source, image_size, train_per_class, eval_per_class, shard_size, seed, proxy_caps)
     config = {
         "format": FORMAT_VERSION,
         "source": {"name": source.name, **source.settings()},
@@ -228,6 +301,7 @@ def prepare(
     }
     if items is not None:  # class-kind configs keep the hash they always had
         config["forget_items"] = items
+    config.update({k: v for k, v in proxy_caps.items() if v is not None})  # new settings: only when set
     hash12 = stable_hash(config)
     out_root = Path(out_root)
     data_dir = out_root / f"{source.name}-{hash12}"
@@ -243,9 +317,13 @@ def prepare(
     out_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}.tmp-", dir=out_root))
     try:
-        manifest = _build(
-            source, tmp, classes, image_size, train_per_class, eval_per_class, shard_size, seed, items
-        )
+        caps = {"train": {"forget": train_per_class, "retain": train_per_class,
+                          "proxy": train_per_class if proxy_per_class is None else proxy_per_class},
+                "eval": {"forget": eval_per_class, "retain": eval_per_class,
+                         "proxy": eval_per_class if proxy_eval_per_class is None else proxy_eval_per_class}}
+        manifest = _build(source, tmp, classes, image_size, caps, shard_size, seed, items, workers)
+        if draw is not None:
+            manifest["class_draw"] = draw
         manifest["config_hash"] = hash12
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         try:
@@ -265,49 +343,57 @@ def _build(
     out_dir: Path,
     classes: dict[str, list[str]],
     image_size: int,
-    train_per_class: int | None,
-    eval_per_class: int | None,
+    caps: dict[str, dict[str, int | None]],
     shard_size: int,
     seed: int,
     items: dict | None = None,
+    workers: int = 0,
 ) -> dict:
-    """Load the source, write every split's shards into out_dir and return the manifest (without hash)."""
+    """Write every split's shards into out_dir and return the manifest (without hash).
+
+    Array sources are loaded a split at a time; image-folder sources (with ``index``) are streamed."""
+    from i2i_unlearning.data.image_folder import ParallelDecoder
+
     names = list(source.class_names)
-    splits = {}
-    for source_split in ("train", "test"):
-        images, labels = source.load(source_split)
-        part = "train" if source_split == "train" else "eval"
-        cap = train_per_class if part == "train" else eval_per_class
-        chosen = {
-            role: _select(
-                labels, [names.index(n) for n in classes[role]], cap, seed, SPLIT_NAMES.index(f"{role}_{part}")
-            )
-            for role in ROLES
-        }
-        if items is not None and part == "train":
-            chosen["forget"], chosen["retain"] = _item_split(chosen["retain"], items, seed)
-            forget_keys = sorted(int(k) for k in chosen["forget"])
-        for role in ROLES:
-            split = f"{role}_{part}"
-            indices = chosen[role]
-            split_labels = labels[indices]
-            shards = write_shards(
-                out_dir,
-                split,
-                _pad(images[indices], image_size),
-                split_labels,
-                shard_size,
-                keys=indices.tolist(),
-            )
-            splits[split] = {
-                "count": int(len(indices)),
-                "classes": {
-                    n: int(np.sum(split_labels == names.index(n)))
-                    for n in (classes["retain"] if items is not None and role == "forget" else classes[role])
-                },
-                "shards": shards,
+    streamed = hasattr(source, "index")
+    splits, corrupt, files = {}, {}, {}
+    with ParallelDecoder(workers if streamed else 0) as decode:
+        for source_split in ("train", "test"):
+            if streamed:
+                paths, labels = source.index(source_split)
+            else:
+                images, labels = source.load(source_split)
+            part = "train" if source_split == "train" else "eval"
+            chosen = {
+                role: _select(labels, [names.index(n) for n in classes[role]], caps[part][role], seed,
+                              SPLIT_NAMES.index(f"{role}_{part}"))
+                for role in ROLES
             }
-    return {
+            if items is not None and part == "train":
+                chosen["forget"], chosen["retain"] = _item_split(chosen["retain"], items, seed)
+                forget_keys = sorted(int(k) for k in chosen["forget"])
+            for role in ROLES:
+                split = f"{role}_{part}"
+                indices = chosen[role]
+                if streamed:
+                    indices, shards, bad = _stream_split(source, source_split, paths, labels, indices, split,
+                                                         out_dir, image_size, shard_size, decode)
+                    if bad:
+                        corrupt[split] = bad
+                    files[split] = {f"{int(i):07d}": paths[i] for i in indices}
+                else:
+                    shards = write_shards(out_dir, split, _pad(images[indices], image_size), labels[indices],
+                                          shard_size, keys=indices.tolist())
+                split_labels = labels[indices]
+                splits[split] = {
+                    "count": int(len(indices)),
+                    "classes": {
+                        n: int(np.sum(split_labels == names.index(n)))
+                        for n in (classes["retain"] if items is not None and role == "forget" else classes[role])
+                    },
+                    "shards": shards,
+                }
+    manifest = {
         "dataset": source.name,
         "class_names": names,
         "channels": source.channels,
@@ -319,3 +405,36 @@ def _build(
         "seed": seed,
         **({} if items is None else {"forget_kind": "item", "forget_items": forget_keys}),
     }
+    if streamed:  # which file each key came from, and what could not be decoded
+        (out_dir / "files.json").write_text(json.dumps(files, indent=0))
+        manifest["files"] = "files.json"
+        manifest["corrupt"] = corrupt
+    return manifest
+
+
+def _stream_split(source, source_split: str, paths: list[str], labels: np.ndarray, indices: np.ndarray,
+                  split: str, out_dir: Path, image_size: int, shard_size: int, decode) -> tuple:
+    """Decode the chosen files of an image-folder source in parallel and write them as shards as they come.
+
+    Returns (indices written, shard records, [{"file", "error"}] of corrupt files). A corrupt file is
+    logged by name and skipped (``source.on_corrupt == "skip"``) or, after the split is read, fatal."""
+    writer = ShardWriter(out_dir, split, shard_size)
+    kept, bad = [], []
+    results = decode((source.path(source_split, paths[i]) for i in indices), image_size, source.channels)
+    for i, (png, error) in tqdm(zip(indices, results, strict=True), total=len(indices), desc=f"decoding {split}",
+                                unit="img", disable=None):
+        if png is None:
+            log.warning("%s: cannot decode %s (%s)", split, source.path(source_split, paths[i]), error)
+            bad.append({"file": str(Path(source.dirs[source_split]) / paths[i]), "error": error})
+            continue
+        writer.add(int(i), png, int(labels[i]))
+        kept.append(int(i))
+    shards = writer.close()
+    if bad and source.on_corrupt == "fail":
+        listing = "; ".join(f"{source.root / b['file']} ({b['error']})" for b in bad[:20])
+        more = f" and {len(bad) - 20} more" if len(bad) > 20 else ""
+        raise DataError(
+            f"{len(bad)} corrupt image file(s) in {split} of {source.name}: {listing}{more}. Replace or delete "
+            "them, or set data.source.on_corrupt=skip to leave them out"
+        )
+    return np.asarray(kept, dtype=np.int64), shards, bad

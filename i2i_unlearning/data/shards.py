@@ -108,3 +108,43 @@ def verify_shards(data_dir: Path, manifest: dict, splits: list[str]) -> None:
                     f"shard {path} of split {split!r} is corrupt (sha256 differs from manifest.json); "
                     f"delete the data dir {data_dir} and re-run prepare"
                 )
+
+
+class ShardWriter:
+    """Incremental `{split}-{i:05d}.tar` shards of at most `shard_size` already-encoded PNG samples.
+
+    The streaming counterpart of `write_shards` (same sample format, same fixed tar mtime): samples are
+    added one by one, a shard is closed and checksummed as soon as it is full, so memory holds one sample.
+    """
+
+    def __init__(self, out_dir: Path, split: str, shard_size: int):
+        if shard_size < 1:
+            raise ConfigError(f"shard_size={shard_size}: use a positive number of samples per shard")
+        self.out_dir, self.split, self.shard_size = Path(out_dir), split, shard_size
+        self.shards: list[dict] = []
+        self._sink = self._stream = self._path = None
+        self._count = 0
+
+    def add(self, key: int, png: bytes, label: int) -> None:
+        """Append one sample ({"__key__": "%07d", "png", "cls"})."""
+        if self._sink is None:
+            self._path = self.out_dir / f"{self.split}-{len(self.shards):05d}.tar"
+            self._stream = open(self._path, "wb")  # noqa: SIM115 - closed in _close_shard
+            self._sink = wds.TarWriter(self._stream, encoder=False, mtime=0)
+        self._sink.write({"__key__": f"{int(key):07d}", "png": png, "cls": b"%d" % int(label)})
+        self._count += 1
+        if self._count == self.shard_size:
+            self._close_shard()
+
+    def _close_shard(self) -> None:
+        self._sink.close()
+        self._stream.close()
+        self.shards.append({"name": self._path.name, "count": self._count, "sha256": sha256_file(self._path)})
+        self._sink = self._stream = self._path = None
+        self._count = 0
+
+    def close(self) -> list[dict]:
+        """Close the last shard; returns [{"name", "count", "sha256"}] in write order."""
+        if self._sink is not None:
+            self._close_shard()
+        return self.shards

@@ -84,6 +84,7 @@ class Diffusion(Family):
         eta: float = 0.0,
         train: dict | None = None,
         name: str = "diffusion",
+        pretrained: str | None = None,  # read by the pipeline (weights of the original model)
     ):
         super().__init__(image_size, channels, train)
         block_channels, attention = list(block_channels), [bool(a) for a in attention]
@@ -127,6 +128,13 @@ class Diffusion(Family):
         self.sampler = SAMPLERS[sampler].from_config(self.noise_schedule.config, timestep_spacing=timestep_spacing)
         self.num_timesteps = schedule["num_train_timesteps"]
         self.register_buffer("alphas_cumprod", self.noise_schedule.alphas_cumprod.clone(), persistent=False)
+
+    def adapt_pretrained(self, state: dict) -> dict:
+        """A bare ``UNet2DModel`` state dict (e.g. from a diffusers folder, ``unet.save_pretrained``) loads
+        into ``self.unet``: its keys get the ``unet.`` prefix."""
+        if state and not any(k.startswith("unet.") for k in state):
+            return {f"unet.{k}": v for k, v in state.items()}
+        return state
 
     # ---- encoder / decoder -------------------------------------------------------------
     def encoder_parameter_names(self) -> set[str]:

@@ -90,7 +90,8 @@ class DCGAN(L.LightningModule):
 
     def __init__(self, image_size: int = 32, channels: int = 1, latent_dim: int = 100, width: int = 32,
                  d_norm: str = "batch", train: dict | None = None, name: str = "gan", kind: str = "gan",
-                 eval: dict | None = None):  # noqa: A002 - name, kind and eval are read by the run path
+                 eval: dict | None = None,  # noqa: A002 - name, kind, eval, pretrained: read by the run path
+                 pretrained: str | None = None):
         super().__init__()
         if image_size != 32:
             raise ConfigError(f"DCGAN: image_size={image_size}; this DCGAN generates 32x32 images (set data.image_size=32)")

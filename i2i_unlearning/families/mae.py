@@ -42,6 +42,7 @@ class MAE(Family):
         mlp_ratio: float = 4.0,
         train: dict | None = None,
         name: str = "mae",
+        pretrained: str | None = None,  # read by the pipeline (weights of the original model)
     ):
         super().__init__(image_size, channels, train)
         if image_size % patch_size:
@@ -85,6 +86,19 @@ class MAE(Family):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+
+    def adapt_pretrained(self, state: dict) -> dict:
+        """Accept the official MAE release's layout: its fixed sin-cos ``pos_embed`` / ``decoder_pos_embed``
+        (stored there, rebuilt here) are dropped when their shape fits this model (with or without the
+        [CLS] slot), so a mis-sized checkpoint still fails by name."""
+        state = dict(state)
+        for key in ("pos_embed", "decoder_pos_embed"):
+            if key in state:
+                ours = getattr(self, key)
+                theirs = state[key]
+                if tuple(theirs.shape[-2:]) in {tuple(ours.shape[-2:]), (ours.shape[-2] + 1, ours.shape[-1])}:
+                    del state[key]
+        return state
 
     # ---- masks -------------------------------------------------------------------------
     def patch_missing(self, mask: Tensor) -> Tensor:

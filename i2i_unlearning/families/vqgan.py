@@ -104,6 +104,8 @@ class VQGAN(Family):
         latent_margin: int = 1,
         train: dict | None = None,
         name: str = "vqgan",
+        pretrained: str | None = None,  # read by the pipeline (weights of the original model)
+        pretrained_tokenizer: str | None = None,
     ):
         super().__init__(image_size, channels, train)
         tokenizer_channels = list(tokenizer_channels)
@@ -146,6 +148,7 @@ class VQGAN(Family):
             norm_groups=norm_groups,
         )
         self.tokenizer = freeze_as_buffers(build_tokenizer(**self._tokenizer_args))
+        self.pretrained_tokenizer = pretrained_tokenizer
 
         self.token_emb = nn.Embedding(codebook_size, embed_dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, embed_dim))
@@ -210,13 +213,23 @@ class VQGAN(Family):
             return self._images(self.tokenizer, ids)
 
     def pre_train(self, ctx: StageContext) -> dict:
-        """Train the tokenizer (or load it from ``ctx.workdir``), freeze it, record its quality.
+        """Train the tokenizer (or load it from ``ctx.workdir``, or from ``model.pretrained_tokenizer``: a
+        diffusers ``VQModel`` folder or state dict of this config's sizes), freeze it, record its quality.
 
         ``train.tokenizer_steps`` Adam steps (``train.tokenizer_lr``) of reconstruction MSE + VQ
         commitment loss, on micro-batches of ``train.tokenizer_batch_size`` images (default: the
         training batch); the codebook starts on encoder outputs of the first micro-batch.
         """
         weights, record = Path(ctx.workdir) / "tokenizer.pt", Path(ctx.workdir) / "tokenizer.json"
+        if self.pretrained_tokenizer is not None:  # a local VQ tokenizer: loaded, not trained
+            from ..weights import load_weights
+
+            info = load_weights(self.tokenizer, self.pretrained_tokenizer, what="model.pretrained_tokenizer")
+            device = next(self.tokenizer.buffers()).device
+            vq = build_tokenizer(**self._tokenizer_args)
+            vq.load_state_dict(self.tokenizer.state_dict())
+            return {"tokenizer": "pretrained", **self._tokenizer_quality(vq.to(device).eval(), ctx, device),
+                    "tokenizer_tensors": info["tensors"]}
         if weights.exists() and record.exists():
             self.tokenizer.load_state_dict(torch.load(weights, weights_only=True))
             return json.loads(record.read_text())["metrics"]

@@ -420,10 +420,10 @@ def test_parallel_decoding_gives_the_same_shards(tree, tmp_path):
 
 def test_a_run_scores_with_inception_features(tmp_path, inception_file):
     """metrics.features=inception reaches the run: FID / IS / cosine from the Inception network's outputs."""
+    from conftest import compose_cfg, tiny_overrides
+
     from i2i_unlearning import pipeline
     from i2i_unlearning.metrics.inception import InceptionFeatures
-
-    from conftest import compose_cfg, tiny_overrides
 
     cfg = compose_cfg(tiny_overrides(tmp_path, method="original", extra=[
         "metrics.features=inception", f"metrics.inception_weights={inception_file}", "metrics.audit=false"]))

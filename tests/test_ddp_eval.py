@@ -68,3 +68,29 @@ def test_scorer_state_is_flat_in_the_number_of_images():
         sizes[n] = scorer.state_nbytes()
         assert scorer.compute()["n"] == n
     assert sizes[512] == sizes[64] > 0
+
+
+def test_evaluation_peak_memory_does_not_grow_with_the_image_count(tmp_path):
+    """The process's peak memory (kernel high-water mark, reset before each call) of a whole evaluation at
+    48 and at 384 images per split, same batch size: flat (the batch, not the image count, sets it)."""
+    from omegaconf import open_dict
+
+    from i2i_unlearning.bench.common import PeakMemory
+
+    cfg = compose_cfg(tiny_overrides(tmp_path, method="original", extra=[
+        "data.source.per_class_test=200", "data.eval_per_class=200", "metrics.eval_batch_size=48"]))
+    data_dir = pipeline.prepare_data(cfg)
+    dm = pipeline.datamodule(cfg, data_dir, {"retain": ["retain_train"]}, 1, 1, 0, 4)
+    net, _ = pipeline.feature_net(cfg, data_dir, dm)
+    model, _ = pipeline.trained_model(cfg, data_dir, "original", net)
+    peaks = {}
+    for n in (48, 48, 384):  # the first call warms caches and the allocator up
+        with open_dict(cfg):
+            cfg.metrics.eval_limit = n
+        with PeakMemory(torch.device("cpu")) as peak:
+            metrics = pipeline.evaluate(cfg, dm, model, model, net)[0]
+        if peak.mib is None:
+            pytest.skip(f"no peak-memory reading on this system ({peak.method})")
+        peaks[n] = peak.mib
+        assert metrics["retain_n"] == min(n, 400)
+    assert peaks[384] <= 1.3 * peaks[48] + 8, peaks

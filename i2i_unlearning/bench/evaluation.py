@@ -24,6 +24,8 @@ def measure(cfg: DictConfig, data_dir, model: Family, net, device) -> dict:
         c = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
         with open_dict(c):
             c.metrics.eval_limit = n
+            c.metrics.eval_batch_size = min(sizes)  # the same batch at both sizes: a batch's activations set
+            # the peak, so with the run's larger batch the small size's single short batch would understate it
             c.extra_tasks = []
         images = sum(min(n, k) for k in counts.values())
         with PeakMemory(device if device.type == "cuda" else model.device) as peak:

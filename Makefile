@@ -52,7 +52,7 @@ test: setup ## run the test suite (CPU, tiny sizes)
 	$(BIN)/python -m pytest -q tests
 
 bench: setup ## performance ratios side by side (cost per image, unlearn vs retrain, loader, eval, memory) into outputs/bench
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m i2i_unlearning.bench
+	$(BIN)/python -m i2i_unlearning.bench
 
 sweep: setup ## a local multirun sweep: MAE x {original, ours, max_loss} x seeds {0,1}, then the paper-layout report
 	$(BIN)/i2iu -m method=original,ours,max_loss seed=0,1 paths.output_dir=outputs/sweep/runs

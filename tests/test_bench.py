@@ -32,8 +32,17 @@ def test_bench_tiny_writes_every_ratio_for_every_family(tmp_path, capsys):
     for family in ("mae", "vqgan", "diffusion"):
         res = doc["results"][family]
         assert res["unlearn_vs_retrain"]["retrain"]["how"].startswith("extrapolated from")
-        assert set(res["unlearn_vs_retrain"]["growth"]) == {"bench", "demo", "full_fashion_mnist"}
+        assert set(res["unlearn_vs_retrain"]["growth"]) == {"bench", "half_fashion_mnist", "full_fashion_mnist"}
         assert res["eval"]["sizes"].keys() == {"8", "16"}
+    mae = doc["results"]["mae"]  # its bench original trains 16-image steps, its recipe 32: scaled by (1)
+    assert mae["cost"]["kinds"]["train[recipe batch]"]["images"] == 32
+    retrain = mae["unlearn_vs_retrain"]["retrain"]
+    scale = retrain["recipe_step_x_bench_step"]
+    assert scale == pytest.approx(mae["cost"]["kinds"]["train[recipe batch]"]["median_s"]
+                                  / mae["cost"]["kinds"]["train"]["median_s"])
+    assert retrain["s_per_step"] == pytest.approx(
+        (mae["config"]["bench_original"]["train_s"] - mae["config"]["bench_original"]["pre_train_s"])
+        / mae["config"]["bench_original"]["steps"] * scale)
     cached = doc["results"]["mae"]["cost"]["kinds"]["ours[fixed mask, teacher cache]"]
     assert cached["cache_hits"] > 0  # a fixed degradation: the retain items come back and hit
     assert "cost_per_image_x/ours" in capsys.readouterr().out

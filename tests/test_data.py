@@ -407,6 +407,21 @@ def test_ranks_draw_different_data_with_equal_epochs(data_dir, monkeypatch):
     assert keys[0] != keys[1]
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streams_share_mask_shape_not_positions(data_dir, workers):
+    """Step k of the forget and retain streams hides as many patches (one batched MAE call), at
+    different positions; the hidden count still varies from step to step."""
+    dm = make_dm(data_dir, num_workers=workers, epoch_batches=6, mask_kinds=("patches", "block"))
+    batches = epoch(dm)
+    hidden = []
+    for b in batches:
+        f, r = (b[s]["mask"].sum(dim=(1, 2, 3)) for s in ("forget", "retain"))
+        assert torch.equal(f, r)
+        hidden.append(int(f[0]))
+    assert not all(torch.equal(b["forget"]["mask"], b["retain"]["mask"]) for b in batches)
+    assert len(set(hidden)) > 1
+
+
 def test_worker_processes_are_deterministic(data_dir):
     runs = [epoch(make_dm(data_dir, num_workers=2, epoch_batches=4)) for _ in range(2)]
     assert len(runs[0]) == 4 and same_batches(runs[0], runs[1])

@@ -56,6 +56,8 @@ def _bench_original_cfg(cfg: DictConfig) -> DictConfig:
     c = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     with open_dict(c):
         c.model.train.epochs = float(cfg.bench.original.epochs)
+        if cfg.bench.original.get("batch_size"):
+            c.model.train.batch_size = int(cfg.bench.original.batch_size)
         if "tokenizer_steps" in c.model.train:
             c.model.train.tokenizer_steps = int(cfg.bench.original.tokenizer_steps)
     return c
@@ -73,6 +75,7 @@ def _guard(errors: dict, name: str, fn, *args, **kwargs):
 
 def run_family(overrides: list[str], family: str, extra: list[str], shared: dict) -> dict:
     """All five measurements for one family."""
+    t_start = time.perf_counter()
     cfg = compose_cfg([*overrides, f"model={family}", *extra])
     device = device_of(cfg)
     perf = pipeline.perf_options(cfg)
@@ -93,7 +96,10 @@ def run_family(overrides: list[str], family: str, extra: list[str], shared: dict
     original_s = time.perf_counter() - t0
     log.info("bench %s: original ready (%s, %.0f s); measuring step costs", family,
              "cached" if cached else "trained", original_s)
+    seconds = {"data_and_feature_net": t0 - t_start, "original": original_s}
+    t = time.perf_counter()
     cost = _guard(errors, "cost", step_cost.measure, cfg, data_dir, original, methods, device, perf)
+    seconds["cost"], t = time.perf_counter() - t, time.perf_counter()
     step_rate = None
     if cost is not None:
         ours = cost["kinds"]["ours"]
@@ -101,18 +107,25 @@ def run_family(overrides: list[str], family: str, extra: list[str], shared: dict
     log.info("bench %s: loader", family)
     load = _guard(errors, "loader", loader.measure, cfg, data_dir, original.mask_patch,
                   int(methods["ours"].batch_size), step_rate)
+    seconds["loader"], t = time.perf_counter() - t, time.perf_counter()
     log.info("bench %s: unlearning to the criterion", family)
+    meta = {**meta, "batch_size": int(ocfg.model.train.batch_size)}
     ulr = _guard(errors, "unlearn_vs_retrain", unlearn_vs_retrain.measure, cfg, data_dir, original, meta, cached,
                  recipe, net, device, perf, cost)
+    seconds["unlearn_vs_retrain"], t = time.perf_counter() - t, time.perf_counter()
     log.info("bench %s: evaluation", family)
     ev = _guard(errors, "eval", evaluation.measure, cfg, data_dir, original, net, device)
+    seconds["eval"] = time.perf_counter() - t
+    log.info("bench %s: done in %.0f s (%s)", family, sum(seconds.values()),
+             ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
     return {"config": {"model": OmegaConf.to_container(cfg.model, resolve=True), "recipe": recipe,
                        "bench_original": {"epochs": ocfg.model.train.epochs, "steps": meta.get("steps"),
+                                          "batch_size": ocfg.model.train.batch_size,
                                           "train_s": meta.get("train_s"), "pre_train_s": meta.get("pre_train_s"),
                                           "source": "cached" if cached else "trained in this process"},
                        "overrides": [f"model={family}", *extra], "device": str(device), "perf": perf,
                        "precision": str(cfg.trainer.precision)},
-            "cost": cost, "loader": load, "unlearn_vs_retrain": ulr, "eval": ev, "errors": errors}
+            "seconds": seconds, "cost": cost, "loader": load, "unlearn_vs_retrain": ulr, "eval": ev, "errors": errors}
 
 
 def _fmt(x: float | None, digits: int = 2) -> str:

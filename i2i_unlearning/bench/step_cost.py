@@ -4,10 +4,10 @@ peak memory of those steps, on the same model, the same real batches and in the 
 A step is what the Lightning loop does per batch: the loss, backward, gradient clipping at
 ``trainer.gradient_clip_val``, the optimiser step and zeroing the gradients. The unlearning steps
 run through ``UnlearnModule`` (with the ``perf`` fast paths) on a retain and a forget batch of
-``method.batch_size`` each; the training step runs ``task_loss`` on one batch of as many images as
-the unlearning step of ``ours`` consumes (``bench.cost.train_batch``, default 2 x its batch), drawn
-from all training splits as the original model's training draws them. Cost per image = median
-seconds per step / images the step consumes (retain and forget together; finetune: retain only).
+``method.batch_size`` each; the training step runs ``task_loss`` on those same retain and forget
+images under the same masks, as one batch (the two streams share each step's mask shape), so the
+step kinds differ in what they compute and in nothing they are fed. Cost per image = median seconds
+per step / images the step consumes (retain and forget together; finetune: retain only).
 """
 
 from __future__ import annotations
@@ -48,6 +48,18 @@ def _fixed(pool: list[dict], mask: torch.Tensor) -> list[dict]:
     return out
 
 
+def _widen(pool: list[dict], n: int) -> list[dict]:
+    """Training batches of ``n`` images: each pool batch's images followed by the next ones', under its
+    own masks repeated (one hidden-patch count per batch, as MAE needs)."""
+    images = torch.cat([x["train"]["image"] for x in pool])
+    out = []
+    for i, x in enumerate(pool):
+        image, mask = x["train"]["image"], x["train"]["mask"]
+        rows = (torch.arange(n) + i * image.shape[0]) % images.shape[0]
+        out.append({"train": {"image": images[rows], "mask": mask[torch.arange(n) % mask.shape[0]]}})
+    return out
+
+
 class _Runner:
     """One kind of step over a cycled pool of batches: ``__call__`` runs one step."""
 
@@ -72,9 +84,10 @@ def measure(cfg: DictConfig, data_dir, original: Family, methods: dict[str, Unle
     clip = cfg.trainer.get("gradient_clip_val")
     patch = original.mask_patch
     batch = int(methods["ours"].batch_size)
-    train_batch = int(b.get("train_batch") or 2 * batch)
+    train_batch = 2 * batch
     pool = _pool(cfg, data_dir, {"retain": ["retain_train"], "forget": ["forget_train"]}, batch, b.pool, patch, device)
-    train_pool = _pool(cfg, data_dir, {"train": list(pipeline.TRAIN_SPLITS)}, train_batch, b.pool, patch, device)
+    train_pool = [{"train": {k: torch.cat([x["retain"][k], x["forget"][k]]) for k in ("image", "mask")}}
+                  for x in pool]
     amp = lambda: autocast(cfg, device)  # noqa: E731
 
     model = copy.deepcopy(original).to(device).train()
@@ -83,6 +96,11 @@ def measure(cfg: DictConfig, data_dir, original: Family, methods: dict[str, Unle
     runners = {"train": _Runner(list(model.parameters()), lambda x: model.task_loss(x["train"]["image"],
                                                                                    x["train"]["mask"]),
                                 train_pool, train_batch, clip, opt, amp)}
+    recipe_batch, bench_batch = int(cfg.model.train.batch_size), cfg.bench.original.get("batch_size")
+    if bench_batch and int(bench_batch) != recipe_batch:  # the bench original's steps are not the recipe's:
+        # time the recipe's step too, which retraining is extrapolated in (2)
+        runners["train[recipe batch]"] = _Runner(list(model.parameters()), runners["train"].loss_fn,
+                                                 _widen(train_pool, recipe_batch), recipe_batch, clip, opt, amp)
     stateless = original.sample_state(pool[0]["retain"]["image"][:1], pool[0]["retain"]["mask"][:1]) is None
     fixed_pool = _fixed(pool, eval_mask(cfg.task, original.image_size, patch)) if stateless else None
     kinds = {name: (method, {}, False) for name, method in methods.items()}

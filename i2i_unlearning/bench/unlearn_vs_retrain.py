@@ -10,7 +10,10 @@ retain classes with the original's recipe.
   step is the bench original's recorded training time (Lightning loop, loading, checkpoints; the same
   model, batch size and machine) divided by its steps, so "extrapolated from k measured steps": a
   retrain of N retain images takes ceil(epochs x N / batch) such steps, plus the family's stages
-  before training (the VQ-GAN tokenizer: its measured time scaled to the recipe's steps).
+  before training (the VQ-GAN tokenizer: its measured time scaled to the recipe's steps). Where the
+  bench original trains with a smaller batch than the recipe (``bench.original.batch_size``), its
+  step time is scaled by the ratio of a recipe-batch training step to a bench-batch one, both timed
+  side by side in (1).
 * The ratio at each retained-data size N, and a projection to the paper's setting from the
   per-image costs measured in (1) and the image counts of the paper's recipes (``bench.projection``).
 """
@@ -95,11 +98,20 @@ def unlearn_to_criterion(cfg: DictConfig, data_dir, original: Family, net, devic
             "check_s": check_s, "checks": checks}
 
 
-def retrain_cost(cfg: DictConfig, recipe: dict, meta: dict, cached: bool, retain_sizes: dict) -> dict:
+def retrain_cost(cfg: DictConfig, recipe: dict, meta: dict, cached: bool, retain_sizes: dict,
+                 cost: dict | None) -> dict:
     """Retraining time per retained-data size, from the bench original's recorded cost per step."""
     pre_s = float(meta.get("pre_train_s") or 0.0)
-    k = int(meta["steps"])
+    k, bench_batch = int(meta["steps"]), int(meta.get("batch_size") or recipe["batch_size"])
     step_s = (float(meta["train_s"]) - pre_s) / k
+    scale = None
+    if bench_batch != int(recipe["batch_size"]):  # a recipe step = a bench step x the step-time ratio of (1)
+        kinds = (cost or {}).get("kinds", {})
+        if "train[recipe batch]" not in kinds or kinds.get("train", {}).get("images") != bench_batch:
+            raise ValueError(f"the bench original trains {bench_batch}-image steps, the recipe {recipe['batch_size']}: "
+                             "extrapolating needs both step times from (1); set bench.original.batch_size=null")
+        scale = kinds["train[recipe batch]"]["median_s"] / kinds["train"]["median_s"]
+        step_s *= scale
     pre_full = 0.0
     if recipe.get("tokenizer_steps"):
         bench_tok = int(cfg.bench.original.tokenizer_steps)  # what the bench original's stage ran
@@ -112,7 +124,10 @@ def retrain_cost(cfg: DictConfig, recipe: dict, meta: dict, cached: bool, retain
             "measured_steps": k, "batch_size": int(recipe["batch_size"]), "epochs": float(recipe["epochs"]),
             "s_per_step": step_s, "pre_train_s_measured": pre_s, "pre_train_s_recipe": pre_full,
             "recipe_tokenizer_steps": recipe.get("tokenizer_steps"),
-            "how": f"extrapolated from {k} measured steps", "sizes": sizes}
+            "bench_batch": bench_batch, "recipe_step_x_bench_step": scale,
+            "how": f"extrapolated from {k} measured steps" + (
+                "" if scale is None else f" of {bench_batch} images x{scale:.2f} (a {recipe['batch_size']}-image "
+                                         "step's time over a bench step's, measured in (1))"), "sizes": sizes}
 
 
 def measure(cfg: DictConfig, data_dir, original: Family, meta: dict, cached: bool, recipe: dict, net,
@@ -121,7 +136,7 @@ def measure(cfg: DictConfig, data_dir, original: Family, meta: dict, cached: boo
     manifest_n = json.loads((data_dir / "manifest.json").read_text())["splits"]["retain_train"]["count"]
     sizes = {"bench": int(manifest_n), **{str(k): int(v) for k, v in b.retain_sizes.items()}}
     unlearn = unlearn_to_criterion(cfg, data_dir, original, net, device, perf)
-    retrain = retrain_cost(cfg, recipe, meta, cached, sizes)
+    retrain = retrain_cost(cfg, recipe, meta, cached, sizes, cost)
     growth = {name: {**s, "unlearn_s": unlearn["unlearn_s"], "x": ratio(s["retrain_s"], unlearn["unlearn_s"])}
               for name, s in retrain["sizes"].items()}
     headline = growth[str(b.headline)]

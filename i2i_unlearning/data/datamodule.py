@@ -117,15 +117,19 @@ def _collate(samples: list[dict]) -> dict:
 
 
 class _MaskedBatches:
-    """Group samples into batches and add a random patch mask per batch from a seeded generator."""
+    """Group samples into batches and add a random patch mask per batch from seeded generators: the
+    positions from the stream's own seed, the kind and hidden-patch count from ``shape_seed``, which
+    every stream of a data module shares (step k of each stream hides as many patches)."""
 
     def __init__(self, batch_size: int, size: int, patch: int, ratio: tuple[float, float],
-                 kinds: tuple[str, ...], seed: int, epoch: _Epoch, fixed: torch.Tensor | None = None):
+                 kinds: tuple[str, ...], seed: int, shape_seed: int, epoch: _Epoch,
+                 fixed: torch.Tensor | None = None):
         self.batch_size, self.size, self.patch, self.ratio, self.kinds = batch_size, size, patch, ratio, kinds
-        self.seed, self.epoch, self.fixed = seed, epoch, fixed
+        self.seed, self.shape_seed, self.epoch, self.fixed = seed, shape_seed, epoch, fixed
 
     def __call__(self, samples):
         generator = torch.Generator().manual_seed(_local_seed(self.seed, self.epoch))
+        shape_generator = torch.Generator().manual_seed(_local_seed(self.shape_seed, self.epoch))
         samples = iter(samples)
         while batch := list(islice(samples, self.batch_size)):
             if len(batch) < self.batch_size:
@@ -134,7 +138,8 @@ class _MaskedBatches:
             if self.fixed is not None:  # a fixed degradation: every item always gets the same mask
                 out["mask"] = self.fixed.expand(self.batch_size, -1, -1, -1).clone()
             else:
-                out["mask"] = train_mask(self.batch_size, self.size, self.patch, self.ratio, self.kinds, generator)
+                out["mask"] = train_mask(self.batch_size, self.size, self.patch, self.ratio, self.kinds, generator,
+                                         shape_generator)
             yield out
 
 
@@ -290,7 +295,8 @@ class ForgetRetainDataModule(L.LightningDataModule):
             _Shuffle(self.shuffle_buffer, seed, epoch),
             _Decode(self.channels),
             _MaskedBatches(
-                self.batch_size, self.image_size, self.patch, self.mask_ratio, self.mask_kinds, seed, epoch,
+                self.batch_size, self.image_size, self.patch, self.mask_ratio, self.mask_kinds, seed,
+                _stream_seed(self.seed, "mask shape"), epoch,
                 None if self.fixed_task is None else eval_mask(self.fixed_task, self.image_size, self.patch),
             ),
         ).with_epoch(per_worker)

@@ -88,11 +88,13 @@ def random_patch_mask(
     patch: int,
     ratio_range: tuple[float, float] = (0.5, 0.9),
     generator: torch.Generator | None = None,
+    shape_generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Random patch-aligned masks (batch,1,size,size) with the same number of missing patches per sample.
 
-    One ratio is drawn uniformly in ratio_range for the whole batch, then each sample masks
-    round(ratio * num_patches) patches chosen at random (MAE needs equal visible counts per batch).
+    One ratio is drawn uniformly in ratio_range for the whole batch (from ``shape_generator``,
+    default ``generator``), then each sample masks round(ratio * num_patches) patches chosen at
+    random (MAE needs equal visible counts per batch).
     """
     low, high = ratio_range
     if not 0.0 <= low <= high <= 1.0:
@@ -101,7 +103,7 @@ def random_patch_mask(
         raise ConfigError(f"image size {size} is not a multiple of the patch size {patch}")
     side = size // patch
     num_patches = side * side
-    ratio = low + (high - low) * torch.rand((), generator=generator).item()
+    ratio = low + (high - low) * torch.rand((), generator=shape_generator or generator).item()
     missing = round(ratio * num_patches)
     order = torch.rand(batch, num_patches, generator=generator).argsort(dim=1)
     flat = torch.zeros(batch, num_patches)
@@ -117,10 +119,11 @@ def random_block_mask(
     side_range: tuple[float, float] = (0.25, 0.75),
     keep: bool = False,
     generator: torch.Generator | None = None,
+    shape_generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Patch-aligned rectangular holes (batch,1,size,size): one height and width per batch (so
-    every sample hides as many patches), a random position per sample. ``keep=True`` inverts
-    it: only the block is known (outpainting-like)."""
+    every sample hides as many patches; drawn from ``shape_generator``, default ``generator``), a
+    random position per sample. ``keep=True`` inverts it: only the block is known (outpainting-like)."""
     low, high = side_range
     if not 0.0 < low <= high <= 1.0:
         raise ConfigError(f"block side range {tuple(side_range)}: use 0 < low <= high <= 1")
@@ -128,7 +131,7 @@ def random_block_mask(
         raise ConfigError(f"image size {size} is not a multiple of the patch size {patch}")
     side = size // patch
     lo, hi = max(1, round(low * side)), max(1, round(high * side))
-    h, w = (int(v) for v in torch.randint(lo, hi + 1, (2,), generator=generator))
+    h, w = (int(v) for v in torch.randint(lo, hi + 1, (2,), generator=shape_generator or generator))
     tops = torch.randint(0, side - h + 1, (batch,), generator=generator)
     lefts = torch.randint(0, side - w + 1, (batch,), generator=generator)
     grid = torch.zeros(batch, 1, side, side)
@@ -149,16 +152,23 @@ def train_mask(
     ratio_range: tuple[float, float],
     kinds: tuple[str, ...] = TRAIN_MASKS,
     generator: torch.Generator | None = None,
+    shape_generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """The training degradation: per batch, one kind drawn from ``kinds`` -- scattered patches
-    (``random_patch_mask``), a hole (``block``), or a known block only (``keep_block``)."""
+    (``random_patch_mask``), a hole (``block``), or a known block only (``keep_block``).
+
+    The kind and the hidden-patch count come from ``shape_generator`` (default ``generator``), the
+    positions from ``generator``: streams that share a shape generator (the data module's forget and
+    retain streams) get masks of one kind and count per step, so MAE embeds them in one batched call."""
     unknown = set(kinds) - set(TRAIN_MASKS)
     if not kinds or unknown:
         raise ConfigError(f"training mask kinds {list(kinds)}: choose from {list(TRAIN_MASKS)}")
-    kind = kinds[int(torch.randint(len(kinds), (), generator=generator))]
+    shape_generator = shape_generator or generator
+    kind = kinds[int(torch.randint(len(kinds), (), generator=shape_generator))]
     if kind == "patches":
-        return random_patch_mask(batch, size, patch, ratio_range, generator)
-    return random_block_mask(batch, size, patch, keep=kind == "keep_block", generator=generator)
+        return random_patch_mask(batch, size, patch, ratio_range, generator, shape_generator)
+    return random_block_mask(batch, size, patch, keep=kind == "keep_block", generator=generator,
+                             shape_generator=shape_generator)
 
 
 def noise_image(

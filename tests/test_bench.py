@@ -38,8 +38,8 @@ def test_bench_tiny_writes_every_ratio_for_every_family(tmp_path, capsys):
     assert mae["cost"]["kinds"]["train[recipe batch]"]["images"] == 32
     retrain = mae["unlearn_vs_retrain"]["retrain"]
     scale = retrain["recipe_step_x_bench_step"]
-    assert scale == pytest.approx(mae["cost"]["kinds"]["train[recipe batch]"]["median_s"]
-                                  / mae["cost"]["kinds"]["train"]["median_s"])
+    assert scale == pytest.approx(min(2.0, mae["cost"]["kinds"]["train[recipe batch]"]["median_s"]
+                                      / mae["cost"]["kinds"]["train"]["median_s"]))
     assert retrain["s_per_step"] == pytest.approx(
         (mae["config"]["bench_original"]["train_s"] - mae["config"]["bench_original"]["pre_train_s"])
         / mae["config"]["bench_original"]["steps"] * scale)

@@ -13,7 +13,7 @@ retain classes with the original's recipe.
   before training (the VQ-GAN tokenizer: its measured time scaled to the recipe's steps). Where the
   bench original trains with a smaller batch than the recipe (``bench.original.batch_size``), its
   step time is scaled by the ratio of a recipe-batch training step to a bench-batch one, both timed
-  side by side in (1).
+  side by side in (1), capped at the ratio of the batch sizes (timing noise cannot inflate retraining).
 * The ratio at each retained-data size N, and a projection to the paper's setting from the
   per-image costs measured in (1) and the image counts of the paper's recipes (``bench.projection``).
 """
@@ -110,7 +110,10 @@ def retrain_cost(cfg: DictConfig, recipe: dict, meta: dict, cached: bool, retain
         if "train[recipe batch]" not in kinds or kinds.get("train", {}).get("images") != bench_batch:
             raise ValueError(f"the bench original trains {bench_batch}-image steps, the recipe {recipe['batch_size']}: "
                              "extrapolating needs both step times from (1); set bench.original.batch_size=null")
-        scale = kinds["train[recipe batch]"]["median_s"] / kinds["train"]["median_s"]
+        # capped at proportional: a larger batch costs at most proportionally more (no smaller
+        # per-image efficiency), so timing noise cannot inflate the retrain estimate
+        scale = min(kinds["train[recipe batch]"]["median_s"] / kinds["train"]["median_s"],
+                    int(recipe["batch_size"]) / bench_batch)
         step_s *= scale
     pre_full = 0.0
     if recipe.get("tokenizer_steps"):
@@ -127,7 +130,8 @@ def retrain_cost(cfg: DictConfig, recipe: dict, meta: dict, cached: bool, retain
             "bench_batch": bench_batch, "recipe_step_x_bench_step": scale,
             "how": f"extrapolated from {k} measured steps" + (
                 "" if scale is None else f" of {bench_batch} images x{scale:.2f} (a {recipe['batch_size']}-image "
-                                         "step's time over a bench step's, measured in (1))"), "sizes": sizes}
+                                         "step's time over a bench step's, measured in (1), at most "
+                                         f"{int(recipe['batch_size']) / bench_batch:.2f})"), "sizes": sizes}
 
 
 def measure(cfg: DictConfig, data_dir, original: Family, meta: dict, cached: bool, recipe: dict, net,

@@ -83,6 +83,7 @@ def datamodule(cfg: DictConfig, data_dir: Path, streams: dict, batch_size: int, 
         data_dir, streams=streams, batch_size=batch_size, epoch_batches=steps,
         num_workers=cfg.data.num_workers, patch=patch, mask_ratio=tuple(cfg.data.mask_ratio),
         mask_kinds=tuple(cfg.data.mask_kinds), seed=seed, fixed_task=cfg.data.get("train_task"),
+        shared_mask_shape=bool(cfg.data.get("shared_mask_shape", False)),
     )
 
 

@@ -411,7 +411,8 @@ def test_ranks_draw_different_data_with_equal_epochs(data_dir, monkeypatch):
 def test_streams_share_mask_shape_not_positions(data_dir, workers):
     """Step k of the forget and retain streams hides as many patches (one batched MAE call), at
     different positions; the hidden count still varies from step to step."""
-    dm = make_dm(data_dir, num_workers=workers, epoch_batches=6, mask_kinds=("patches", "block"))
+    dm = make_dm(data_dir, num_workers=workers, epoch_batches=6, mask_kinds=("patches", "block"),
+                 shared_mask_shape=True)
     batches = epoch(dm)
     hidden = []
     for b in batches:
@@ -420,6 +421,8 @@ def test_streams_share_mask_shape_not_positions(data_dir, workers):
         hidden.append(int(f[0]))
     assert not all(torch.equal(b["forget"]["mask"], b["retain"]["mask"]) for b in batches)
     assert len(set(hidden)) > 1
+    default = epoch(make_dm(data_dir, num_workers=workers, epoch_batches=6, mask_kinds=("patches", "block")))
+    assert any(b["forget"]["mask"].sum() != b["retain"]["mask"].sum() for b in default)  # off: drawn apart
 
 
 def test_worker_processes_are_deterministic(data_dir):

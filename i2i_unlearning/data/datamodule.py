@@ -118,18 +118,20 @@ def _collate(samples: list[dict]) -> dict:
 
 class _MaskedBatches:
     """Group samples into batches and add a random patch mask per batch from seeded generators: the
-    positions from the stream's own seed, the kind and hidden-patch count from ``shape_seed``, which
-    every stream of a data module shares (step k of each stream hides as many patches)."""
+    positions from the stream's own seed, the kind and hidden-patch count from ``shape_seed`` when
+    given, which every stream of a data module then shares (step k of each stream hides as many
+    patches), else from the stream's seed too."""
 
     def __init__(self, batch_size: int, size: int, patch: int, ratio: tuple[float, float],
-                 kinds: tuple[str, ...], seed: int, shape_seed: int, epoch: _Epoch,
+                 kinds: tuple[str, ...], seed: int, shape_seed: int | None, epoch: _Epoch,
                  fixed: torch.Tensor | None = None):
         self.batch_size, self.size, self.patch, self.ratio, self.kinds = batch_size, size, patch, ratio, kinds
         self.seed, self.shape_seed, self.epoch, self.fixed = seed, shape_seed, epoch, fixed
 
     def __call__(self, samples):
         generator = torch.Generator().manual_seed(_local_seed(self.seed, self.epoch))
-        shape_generator = torch.Generator().manual_seed(_local_seed(self.shape_seed, self.epoch))
+        shape_generator = (None if self.shape_seed is None else
+                           torch.Generator().manual_seed(_local_seed(self.shape_seed, self.epoch)))
         samples = iter(samples)
         while batch := list(islice(samples, self.batch_size)):
             if len(batch) < self.batch_size:
@@ -171,7 +173,9 @@ class ForgetRetainDataModule(L.LightningDataModule):
 
     Training masks are random per batch (``mask_kinds``), or, with ``fixed_task`` (an eval task name,
     ``data.train_task``), that task's fixed mask for every item: a fixed degradation, under which the
-    teacher cache (``perf.teacher_cache``) hits.
+    teacher cache (``perf.teacher_cache``) hits. With ``shared_mask_shape`` (``data.shared_mask_shape``)
+    step k of every stream has one mask kind and hidden-patch count (positions still per stream), so
+    MAE runs a retain and a forget batch as one batch; the masks drawn then differ from the default's.
 
     `streams` maps a stream name to the splits it concatenates; `train_dataloader` always returns a
     CombinedLoader ("min_size"), so a training step gets `batch[stream]` = {"image", "label", "mask", "key"}.
@@ -191,6 +195,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
         seed: int = 0,
         shuffle_buffer: int = 2000,
         fixed_task: str | None = None,
+        shared_mask_shape: bool = False,
     ):
         super().__init__()
         self.data_dir = Path(data_dir)
@@ -205,6 +210,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self.fixed_task = fixed_task
+        self.shared_mask_shape = bool(shared_mask_shape)
         self._check_settings()
         self._check_streams()
         needed = sorted({split for splits in self.streams.values() for split in splits})
@@ -296,7 +302,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
             _Decode(self.channels),
             _MaskedBatches(
                 self.batch_size, self.image_size, self.patch, self.mask_ratio, self.mask_kinds, seed,
-                _stream_seed(self.seed, "mask shape"), epoch,
+                _stream_seed(self.seed, "mask shape") if self.shared_mask_shape else None, epoch,
                 None if self.fixed_task is None else eval_mask(self.fixed_task, self.image_size, self.patch),
             ),
         ).with_epoch(per_worker)

@@ -159,7 +159,8 @@ def train_mask(
 
     The kind and the hidden-patch count come from ``shape_generator`` (default ``generator``), the
     positions from ``generator``: streams that share a shape generator (the data module's forget and
-    retain streams) get masks of one kind and count per step, so MAE embeds them in one batched call."""
+    retain streams with ``shared_mask_shape``) get masks of one kind and count per step, so MAE embeds
+    them in one batched call."""
     unknown = set(kinds) - set(TRAIN_MASKS)
     if not kinds or unknown:
         raise ConfigError(f"training mask kinds {list(kinds)}: choose from {list(TRAIN_MASKS)}")

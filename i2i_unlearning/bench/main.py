@@ -63,14 +63,18 @@ def _bench_original_cfg(cfg: DictConfig) -> DictConfig:
     return c
 
 
-def _guard(errors: dict, name: str, fn, *args, **kwargs):
-    """Run one measurement; a failure is recorded (and the rest of the bench goes on)."""
+def _guard(errors: dict, seconds: dict, name: str, fn, *args, **kwargs):
+    """Run one measurement and record its seconds; a failure is recorded (and the rest of the bench
+    goes on)."""
+    t0 = time.perf_counter()
     try:
         return fn(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - the JSON says what failed and why
         log.error("bench: %s failed: %s: %s", name, type(exc).__name__, exc)
         errors[name] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"
         return None
+    finally:
+        seconds[name] = time.perf_counter() - t0
 
 
 def run_family(overrides: list[str], family: str, extra: list[str], shared: dict) -> dict:
@@ -97,25 +101,20 @@ def run_family(overrides: list[str], family: str, extra: list[str], shared: dict
     log.info("bench %s: original ready (%s, %.0f s); measuring step costs", family,
              "cached" if cached else "trained", original_s)
     seconds = {"data_and_feature_net": t0 - t_start, "original": original_s}
-    t = time.perf_counter()
-    cost = _guard(errors, "cost", step_cost.measure, cfg, data_dir, original, methods, device, perf)
-    seconds["cost"], t = time.perf_counter() - t, time.perf_counter()
+    cost = _guard(errors, seconds, "cost", step_cost.measure, cfg, data_dir, original, methods, device, perf)
     step_rate = None
     if cost is not None:
         ours = cost["kinds"]["ours"]
         step_rate = ours["images"] / ours["median_s"]
     log.info("bench %s: loader", family)
-    load = _guard(errors, "loader", loader.measure, cfg, data_dir, original.mask_patch,
+    load = _guard(errors, seconds, "loader", loader.measure, cfg, data_dir, original.mask_patch,
                   int(methods["ours"].batch_size), step_rate)
-    seconds["loader"], t = time.perf_counter() - t, time.perf_counter()
     log.info("bench %s: unlearning to the criterion", family)
     meta = {**meta, "batch_size": int(ocfg.model.train.batch_size)}
-    ulr = _guard(errors, "unlearn_vs_retrain", unlearn_vs_retrain.measure, cfg, data_dir, original, meta, cached,
-                 recipe, net, device, perf, cost)
-    seconds["unlearn_vs_retrain"], t = time.perf_counter() - t, time.perf_counter()
+    ulr = _guard(errors, seconds, "unlearn_vs_retrain", unlearn_vs_retrain.measure, cfg, data_dir, original, meta,
+                 cached, recipe, net, device, perf, cost)
     log.info("bench %s: evaluation", family)
-    ev = _guard(errors, "eval", evaluation.measure, cfg, data_dir, original, net, device)
-    seconds["eval"] = time.perf_counter() - t
+    ev = _guard(errors, seconds, "eval", evaluation.measure, cfg, data_dir, original, net, device)
     log.info("bench %s: done in %.0f s (%s)", family, sum(seconds.values()),
              ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
     return {"config": {"model": OmegaConf.to_container(cfg.model, resolve=True), "recipe": recipe,

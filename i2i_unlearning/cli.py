@@ -6,7 +6,6 @@ import argparse
 import logging
 import os
 import sys
-import traceback
 import warnings
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from .atomic import write_json
+from .results import RunResult, write_result
 from .runs import config_hash, finished, run_dir, semantic_config
 
 log = logging.getLogger("i2iu")
@@ -70,32 +69,29 @@ def _log_results(logger, run: Path, result: dict) -> None:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
     """Run one (family, method, data, seed) cell; skip it if an identical run already finished."""
-    from . import pipeline
+    from .runner import apply_size, build_runner, write_config
 
     logging.basicConfig(level=logging.INFO, format="[i2iu] %(message)s", force=True)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no tips / device banners per stage
+    apply_size(cfg)
     chash = config_hash(cfg)
     run = run_dir(cfg)
     if finished(run, chash):
         log.info("%s: already finished, skipping (delete the dir to re-run)", run)
         return
     run.mkdir(parents=True, exist_ok=True)
-    pipeline.write_config(cfg, run)
+    write_config(cfg, run)
     logger = None
     try:
         logger = make_logger(cfg, run)
-        result = pipeline.run(cfg, run, chash, logger=logger)
+        result = build_runner(cfg, run, chash, logger=logger).execute()
     except Exception as exc:  # a failed cell is a row with its error, never a silent gap
-        write_json(run / "metrics.json", {
-            "family": cfg.model.name, "method": cfg.method.name, "dataset": cfg.data.name, "seed": cfg.seed,
-            "status": "failed", "error": f"{type(exc).__name__}: {exc}", "config_hash": chash,
-            "traceback": traceback.format_exc(),
-        })
+        write_result(run, RunResult.failed(cfg, chash, exc).to_json())
         if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
             raise
         log.error("%s failed: %s: %s", run.name, type(exc).__name__, exc)
         return
-    write_json(run / "metrics.json", result)
+    write_result(run, result)
     _log_results(logger, run, result)
     m = result["metrics"]
     if "retain_cos" not in m:  # GAN runs score generated samples, not paired restorations

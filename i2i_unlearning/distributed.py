@@ -7,7 +7,7 @@ Scores are folded in that one order whatever the world size, so a 2-rank FID equ
 
 `launch` starts the ranks for evaluation when none exist: after a `ddp_spawn` fit (the strategy that keeps
 a Hydra multirun cell one process) the ranks are gone, so it spawns them again through Lightning Fabric.
-Under plain `ddp` (SLURM, torchrun) the ranks run the whole pipeline and are still joined after the fit.
+Under plain `ddp` (SLURM, torchrun) the ranks run the whole runner and are still joined after the fit.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Run directories keyed by a hash of the config that matters, and atomic writes."""
+"""Run directories keyed by a hash of the config that matters (``run_hash_exclude`` in conf/config.yaml)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,6 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-# Keys that change where or how a run executes, not what it computes.
-NON_SEMANTIC_KEYS = ("trainer", "logger", "paths", "hydra", "resume", "perf", "metrics.eval_batch_size",
-                     "metrics.tsne_points")
-
-# Keys added after runs were recorded, left out of the hash while they hold the default that means
-# "as before", so existing run dirs and caches keep their names.
-OMITTED_AT_DEFAULT = {"model.pretrained": None, "model.pretrained_tokenizer": None, "metrics.features": "default",
-                      "metrics.embedding": "features", "metrics.inception_weights": None,
-                      "metrics.clip_weights": None, "metrics.clip_model": "ViT-H-14"}
-
 
 def stable_hash(obj: Any, length: int = 12) -> str:
     """Hex digest of a canonical JSON encoding of ``obj``."""
@@ -27,22 +17,20 @@ def stable_hash(obj: Any, length: int = 12) -> str:
 
 
 def semantic_config(cfg: DictConfig) -> dict:
-    """The resolved config without the keys that do not change results."""
+    """The resolved config without the keys of ``cfg.run_hash_exclude`` (``node`` or ``node.leaf``):
+    those change where or how a run executes, not what it computes."""
     c = OmegaConf.to_container(cfg, resolve=True)
-    for key in NON_SEMANTIC_KEYS:
+    for key in cfg.get("run_hash_exclude") or []:
         node, *rest = key.split(".")
         if not rest:
             c.pop(node, None)
         elif isinstance(c.get(node), dict):
             c[node].pop(rest[0], None)
-    for key, default in OMITTED_AT_DEFAULT.items():
-        node, leaf = key.split(".")
-        if isinstance(c.get(node), dict) and leaf in c[node] and c[node][leaf] == default:
-            c[node].pop(leaf)
     return c
 
 
 def config_hash(cfg: DictConfig) -> str:
+    """The hash that names a run dir and tells a finished run of the same config."""
     return stable_hash(semantic_config(cfg))
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from i2i_unlearning.runner import apply_size, build_runner
 from i2i_unlearning.unlearning.module import UnlearnModule
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,18 +19,6 @@ CONF = ROOT / "conf"
 METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 
-# Tiny sizes per family, so every family x method cell runs in seconds on CPU.
-TINY = {
-    "mae": ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.decoder_dim=16",
-            "model.decoder_depth=1", "model.decoder_heads=1"],
-    "vqgan": ["model.tokenizer_channels=[8,8,8]", "model.norm_groups=4", "model.latent_channels=8",
-              "model.codebook_size=32", "model.codebook_dim=8", "model.embed_dim=32", "model.depth=1",
-              "model.num_heads=2", "model.decoder_dim=32", "model.decoder_depth=1", "model.decoder_heads=2",
-              "model.decode_steps=2", "model.train.tokenizer_steps=5"],
-    "gan": ["model.width=8", "model.eval.samples=64", "model.eval.downstream_epochs=1"],
-    "diffusion": ["model.block_channels=[8,16]", "model.attention=[false,true]", "model.norm_groups=4",
-                  "model.attention_head_dim=4", "model.sample_steps=2"],
-}
 # GAN methods count rounds and stage steps instead of `steps`.
 TINY_GAN_METHOD = ["method.rounds=2", "method.unlearn_steps=3", "method.learn_steps=3", "method.batch_size=8",
                    "method.substitute_pool=64", "method.check_samples=32", "method.latent_steps=5"]
@@ -45,13 +34,14 @@ def tiny_overrides(tmp: Path, model: str = "mae", method: str = "ours", extra=()
         "metrics.feature_net.epochs=1", "metrics.is_splits=2", "metrics.grid_images=4",
         *TINY_METHOD.get(method, ["method.steps=3", "method.batch_size=8"] if method not in ("original", "retrain")
                          else []),
-        *TINY.get(model, []), *extra,
+        "model.size=tiny", *extra,
     ]
 
 
 def compose_cfg(overrides: list[str]):
+    """The real config as ``i2iu`` composes it (size preset applied)."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+        return apply_size(compose(config_name="config", overrides=overrides))
 
 
 @pytest.fixture(scope="session")
@@ -71,3 +61,11 @@ def run_method_steps(model, method, forget, retain, steps=3, lr=3e-3) -> Unlearn
         loss.backward()
         opt.step()
     return module
+
+
+def prepared_runner(cfg, run_dir: Path):
+    """The config's runner after its check and prepare stages (data ready, nothing trained)."""
+    runner = build_runner(cfg, run_dir, "test")
+    runner.check()
+    runner.data_dir = runner.prepare()
+    return runner

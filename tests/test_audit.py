@@ -136,7 +136,8 @@ def random_spd(d: int, seed: int) -> torch.Tensor:
 
 def test_gaussian_kl_matches_the_closed_form():
     d = 5
-    mp, mq = torch.randn(d, generator=gen(0), dtype=torch.float64), torch.randn(d, generator=gen(1), dtype=torch.float64)
+    mp = torch.randn(d, generator=gen(0), dtype=torch.float64)
+    mq = torch.randn(d, generator=gen(1), dtype=torch.float64)
     cp, cq = random_spd(d, 2), random_spd(d, 3)
     expected = float(kl_divergence(MultivariateNormal(mp, cp), MultivariateNormal(mq, cq)))
     assert gaussian_kl(mp, cp, mq, cq) == pytest.approx(expected, rel=1e-9)

@@ -2,25 +2,25 @@
 
 import pytest
 import torch
-from conftest import compose_cfg, tiny_overrides
+from conftest import compose_cfg, prepared_runner, tiny_overrides
 from omegaconf import OmegaConf
 
-from i2i_unlearning import distributed, pipeline
+from i2i_unlearning import distributed
 from i2i_unlearning.metrics.evaluate import SplitScorer
+from i2i_unlearning.metrics.restoration import evaluate_on
 
 
 @pytest.mark.parametrize("model", ["mae", "diffusion"])  # deterministic restore / sampled restore + states
 def test_two_rank_evaluation_equals_one_rank(shared_tmp, model):
     cfg = compose_cfg(tiny_overrides(shared_tmp, model=model, method="original",
                                      extra=["metrics.eval_batch_size=5", "data.eval_per_class=12"]))
-    data_dir = pipeline.prepare_data(cfg)
-    dm = pipeline.datamodule(cfg, data_dir, {"retain": ["retain_train"]}, 1, 1, cfg.seed, 4)
-    net, _ = pipeline.feature_net(cfg, data_dir, dm)
-    original, _ = pipeline.trained_model(cfg, data_dir, "original", net)
-    one = pipeline.evaluate_on(torch.device("cpu"), cfg, dm, original, original, net)
+    runner = prepared_runner(cfg, shared_tmp / f"ddp-eval-{model}")
+    runner.nets = runner.scoring_nets()
+    dm, net, original = runner.eval_dm, runner.nets[0], runner.reference("original")[0]
+    one = evaluate_on(torch.device("cpu"), cfg, dm, original, original, net)
 
     ddp = OmegaConf.merge(cfg.trainer, {"accelerator": "cpu", "devices": 2, "strategy": "ddp_spawn"})
-    two = distributed.launch(ddp, pipeline.evaluate_on, cfg, dm, original, original, net)
+    two = distributed.launch(ddp, evaluate_on, cfg, dm, original, original, net)
 
     metrics_one, metrics_two = one[0], two[0]
     assert metrics_one["retain_n"] == 24 and "forget_mia_auc" in metrics_one  # 5 batches: uneven over 2 ranks
@@ -69,29 +69,3 @@ def test_scorer_state_is_flat_in_the_number_of_images():
         sizes[n] = scorer.state_nbytes()
         assert scorer.compute()["n"] == n
     assert sizes[512] == sizes[64] > 0
-
-
-def test_evaluation_peak_memory_does_not_grow_with_the_image_count(tmp_path):
-    """The process's peak memory (kernel high-water mark, reset before each call) of a whole evaluation at
-    48 and at 384 images per split, same batch size: flat (the batch, not the image count, sets it)."""
-    from omegaconf import open_dict
-
-    from i2i_unlearning.bench.common import PeakMemory
-
-    cfg = compose_cfg(tiny_overrides(tmp_path, method="original", extra=[
-        "data.source.per_class_test=200", "data.eval_per_class=200", "metrics.eval_batch_size=48"]))
-    data_dir = pipeline.prepare_data(cfg)
-    dm = pipeline.datamodule(cfg, data_dir, {"retain": ["retain_train"]}, 1, 1, 0, 4)
-    net, _ = pipeline.feature_net(cfg, data_dir, dm)
-    model, _ = pipeline.trained_model(cfg, data_dir, "original", net)
-    peaks = {}
-    for n in (48, 48, 384):  # the first call warms caches and the allocator up
-        with open_dict(cfg):
-            cfg.metrics.eval_limit = n
-        with PeakMemory(torch.device("cpu")) as peak:
-            metrics = pipeline.evaluate(cfg, dm, model, model, net)[0]
-        if peak.mib is None:
-            pytest.skip(f"no peak-memory reading on this system ({peak.method})")
-        peaks[n] = peak.mib
-        assert metrics["retain_n"] == min(n, 400)
-    assert peaks[384] <= 1.3 * peaks[48] + 8, peaks

@@ -65,7 +65,8 @@ def test_feature_list_has_the_documented_shapes(batches):
     assert [tuple(f.shape) for f in feats] == [(8, 8, 16, 16), (8, 8, 16, 16), (8, 8, 8, 8), (8, 16, 8, 8),
                                                (8, 16, 8, 8)]
     default = Diffusion()  # the tiny preset of conf/model/diffusion.yaml: 7 maps
-    shapes = [tuple(f.shape[1:]) for f in default.embed(torch.rand(2, 1, 32, 32), center_mask(32, 0.5).repeat(2, 1, 1, 1))]
+    masks = center_mask(32, 0.5).repeat(2, 1, 1, 1)
+    shapes = [tuple(f.shape[1:]) for f in default.embed(torch.rand(2, 1, 32, 32), masks)]
     assert shapes == [(16, 32, 32), (16, 32, 32), (16, 16, 16), (32, 16, 16), (32, 8, 8), (64, 8, 8), (64, 8, 8)]
 
 

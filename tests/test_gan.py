@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import compose_cfg, tiny_overrides
 
-from i2i_unlearning import cli, gan_pipeline
+from i2i_unlearning import cli, gan_runner
 from i2i_unlearning.data.prepare import load_manifest, prepare
 from i2i_unlearning.data.sources import MNISTSource, SyntheticSource
 from i2i_unlearning.errors import ConfigError, DataError
@@ -38,7 +38,7 @@ def _cascaded(**kw) -> Cascaded:
 
 
 def _fit(shared_tmp):
-    return gan_pipeline.fitter(compose_cfg(tiny_overrides(shared_tmp, "gan", "cascaded")))
+    return gan_runner.fitter(compose_cfg(tiny_overrides(shared_tmp, "gan", "cascaded")))
 
 
 def _gan(seed=0) -> DCGAN:
@@ -177,9 +177,9 @@ def test_item_split_forgets_listed_keys_and_retains_the_rest(tmp_path):
     m = load_manifest(d)
     assert m["forget_items"] == [1, 4, 7] and m["splits"]["forget_train"]["count"] == 3
     assert m["splits"]["retain_train"]["count"] == 17 and m["splits"]["retain_eval"]["count"] == 6
-    x, _, keys = gan_pipeline.load_split(d, m, "forget_train")
+    x, _, keys = gan_runner.load_split(d, m, "forget_train")
     assert sorted(int(k) for k in keys) == [1, 4, 7] and x.shape == (3, 1, 32, 32)
-    _, _, retain_keys = gan_pipeline.load_split(d, m, "retain_train")
+    _, _, retain_keys = gan_runner.load_split(d, m, "retain_train")
     assert not {int(k) for k in retain_keys} & {1, 4, 7}
     drawn = load_manifest(prepare(src, tmp_path, forget_classes=[], forget_item_count=5, **common))
     assert len(drawn["forget_items"]) == 5

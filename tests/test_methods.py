@@ -1,4 +1,4 @@
-"""Each method's loss does what METHODS.md says, on a tiny MAE and fixed tensors."""
+"""Each method's loss does what docs/methods.md says, on a tiny MAE and fixed tensors."""
 
 import pytest
 import torch
@@ -89,7 +89,8 @@ def test_noisy_label_moves_forget_outputs_toward_noise(batches):
         pred_t = module.teacher.predict(forget["image"], forget["mask"])
     m = forget["mask"].bool()
     # noise targets are i.i.d. around the batch mean: the hole's prediction loses its stripe structure
-    assert pred_s[m].std() < pred_t[m].std() or dist(pred_s[m], forget["image"][m]) > dist(pred_t[m], forget["image"][m])
+    assert pred_s[m].std() < pred_t[m].std() or \
+        dist(pred_s[m], forget["image"][m]) > dist(pred_t[m], forget["image"][m])
     assert dist(pred_s, pred_t) > 1e-4
 
 

@@ -65,7 +65,8 @@ def split_images(data_dir: Path, split: str) -> tuple[list[str], np.ndarray, np.
     parts = [read_shard(data_dir / s["name"], 3) for s in m["splits"][split]["shards"]]
     if not parts:
         return [], np.zeros((0, 16, 16, 3), np.uint8), np.zeros(0, np.int64)
-    return [k for p in parts for k in p[0]], np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+    keys = [k for p in parts for k in p[0]]
+    return keys, np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
 
 
 def test_source_lists_classes_and_ignores_non_images(tree):
@@ -103,7 +104,8 @@ def test_image_folder_becomes_shards(tree, tmp_path, caplog):
         assert images.shape[1:] == (16, 16, 3)
         role = split.split("_")[0]
         assert {CLASSES[y] for y in labels} <= set(m[f"{role}_classes"])
-        assert m["splits"][split]["classes"] == {c: int((labels == CLASSES.index(c)).sum()) for c in m[f"{role}_classes"]}
+        expected = {c: int((labels == CLASSES.index(c)).sum()) for c in m[f"{role}_classes"]}
+        assert m["splits"][split]["classes"] == expected
     files = json.loads((data_dir / "files.json").read_text())
     assert all(v.split("/")[0] in f for v in files["forget_train"].values())
     # the same config reuses the shards (and the number of workers is not part of the key)
@@ -115,7 +117,8 @@ def test_corrupt_file_skipped_or_fatal(tree, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         data_dir = prepare_tree(tree, tmp_path / "skip", **explicit)
     m = load_manifest(data_dir)
-    assert m["corrupt"] == {"forget_train": [{"file": f"train/{CORRUPT}", "error": m["corrupt"]["forget_train"][0]["error"]}]}
+    error = m["corrupt"]["forget_train"][0]["error"]
+    assert m["corrupt"] == {"forget_train": [{"file": f"train/{CORRUPT}", "error": error}]}
     assert m["splits"]["forget_train"]["count"] == TRAIN_PER_CLASS and "broken_0003.JPEG" in caplog.text
     assert "class_draw" not in m
     with pytest.raises(DataError, match="broken_0003.JPEG.*on_corrupt=skip"):
@@ -161,20 +164,17 @@ def tiny_cfg(tmp: Path, family: str, *extra: str):
 
 
 def tiny_model(tmp: Path, family: str):
-    from hydra.utils import instantiate
+    from i2i_unlearning.runner import build_family
 
     torch.manual_seed(1)
-    return instantiate(tiny_cfg(tmp, family).model, _convert_="all")
+    return build_family(tiny_cfg(tmp, family).model)
 
 
 def original_from(tmp: Path, family: str, path: Path):
-    """The pipeline's original model with model.pretrained=path (no data needed: nothing is trained)."""
-    from i2i_unlearning import gan_pipeline, pipeline
+    """The runner's original model with model.pretrained=path (no data needed: nothing is trained)."""
+    from i2i_unlearning.runner import build_runner
 
-    cfg = tiny_cfg(tmp, family, f"model.pretrained={path}")
-    if family == "gan":
-        return gan_pipeline.trained_gan(cfg, tmp / "no-data", "original", None, None)
-    return pipeline.trained_model(cfg, tmp / "no-data", "original")
+    return build_runner(tiny_cfg(tmp, family, f"model.pretrained={path}"), tmp / "run", "x").reference("original")
 
 
 def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -186,7 +186,7 @@ def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 def test_family_loads_its_own_checkpoint(tmp_path, family):
     model = tiny_model(tmp_path, family)
     path = tmp_path / "checkpoint.pt"
-    torch.save(model.state_dict(), path)  # what the pipeline saves (run dirs' checkpoint.pt, cached models)
+    torch.save(model.state_dict(), path)  # what the runner saves (run dirs' checkpoint.pt, cached models)
     loaded, meta = original_from(tmp_path, family, path)
     assert same_state(loaded, model) and not loaded.training
     assert meta["train_s"] == 0.0 and meta["pretrained"]["path"] == str(path)
@@ -302,38 +302,29 @@ def test_fid_inception_file_runs_as_the_fid_network(tmp_path):
 
 
 def test_missing_weights_file_fails_before_any_work(tmp_path):
-    from i2i_unlearning import pipeline
+    from i2i_unlearning.runner import build_runner
 
     missing = tmp_path / "nowhere" / "inception_v3_google-0cc3c7bd.pth"
     cfg = tiny_cfg(tmp_path, "mae", "metrics.features=inception", f"metrics.inception_weights={missing}")
     with pytest.raises(ConfigError) as err:
-        pipeline.run(cfg, tmp_path / "run", "hash")
+        build_runner(cfg, tmp_path / "run", "hash").execute()
     assert str(missing) in str(err.value) and "inception_v3_google-0cc3c7bd.pth" in str(err.value)
     assert "download.pytorch.org" in str(err.value)
     assert not (tmp_path / "cache").exists()  # no data prepared, nothing trained or generated
     cfg = tiny_cfg(tmp_path, "mae", "metrics.features=inception")
     with pytest.raises(ConfigError, match="metrics.inception_weights is not set"):
-        pipeline.run(cfg, tmp_path / "run", "hash")
+        build_runner(cfg, tmp_path / "run", "hash").execute()
     cfg = tiny_cfg(tmp_path, "mae", "metrics.embedding=clip", f"metrics.clip_weights={tmp_path / 'clip.bin'}")
     with pytest.raises(ConfigError, match=r"clip\.bin: the file does not exist.*laion/CLIP-ViT-H-14"):
-        pipeline.run(cfg, tmp_path / "run", "hash")
-
-
-def test_metric_defaults_keep_config_hashes(tmp_path):
-    """The new keys at their defaults leave run hashes (and so existing run dirs) as they were."""
-    from i2i_unlearning.runs import semantic_config
-
-    c = semantic_config(tiny_cfg(tmp_path, "mae"))
-    assert "pretrained" not in c["model"] and not {"features", "embedding", "inception_weights"} & set(c["metrics"])
-    c = semantic_config(tiny_cfg(tmp_path, "mae", "metrics.features=inception", "model.pretrained=/x.pt"))
-    assert c["metrics"]["features"] == "inception" and c["model"]["pretrained"] == "/x.pt"
+        build_runner(cfg, tmp_path / "run", "hash").execute()
 
 
 def test_clip_embeddings_from_a_local_file(tmp_path):
     open_clip = pytest.importorskip("open_clip", reason="open_clip (the optional extra [clip]) is not installed")
     from i2i_unlearning.metrics.models import feature_models
 
-    tiny = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+    tiny = {"embed_dim": 16,
+            "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
             "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}}
     (tmp_path / "tiny-clip-test.json").write_text(json.dumps(tiny))
     open_clip.add_model_config(tmp_path / "tiny-clip-test.json")
@@ -355,15 +346,15 @@ def test_clip_embeddings_from_a_local_file(tmp_path):
 
 
 def test_image_folder_run_end_to_end(tmp_path):
-    """data=image_folder through the whole pipeline (tiny MAE, RGB 32 px, drawn classes, proxy unlearning)."""
-    from i2i_unlearning import pipeline
+    """data=image_folder through the whole runner (tiny MAE, RGB 32 px, drawn classes, proxy unlearning)."""
+    from i2i_unlearning.runner import build_runner
 
     root = make_tree(tmp_path / "tree", corrupt=False)
     cfg = tiny_cfg(tmp_path, "mae", "data=image_folder", f"data.source.root={root}", "data.image_size=32",
                    "data.train_per_class=6", "data.eval_per_class=3", "data.proxy_per_class=2",
                    "data.num_workers=0", "data.shard_size=8", "method=ours_proxy", "method.steps=2",
                    "method.batch_size=4", "metrics.audit=false")
-    metrics = pipeline.run(cfg, tmp_path / "run", "hash")
+    metrics = build_runner(cfg, tmp_path / "run", "hash").execute()
     assert metrics["status"] == "ok" and metrics["dataset"] == "image_folder"
     assert metrics["metrics"]["forget_n"] == 6 and metrics["metrics"]["retain_n"] == 6
     data_dir = next((tmp_path / "cache" / "data").glob("image_folder-*"))
@@ -376,29 +367,30 @@ def test_image_folder_run_end_to_end(tmp_path):
 def test_paper_presets_compose(preset, family, data, size):
     from conftest import compose_cfg
 
-    from i2i_unlearning.pipeline import check_config
+    from i2i_unlearning.runner import build_runner
 
     cfg = compose_cfg([f"experiment=[{preset},table1]", "paths.weights_dir=/nowhere"])
     assert (cfg.model.name, cfg.data.name, cfg.model.image_size, cfg.data.image_size) == (family, data, size, size)
     assert cfg.metrics.features == "inception" and cfg.metrics.embedding == "clip"
     with pytest.raises(ConfigError, match="/nowhere/inception_v3_google-0cc3c7bd.pth"):
-        check_config(cfg)  # the weights are checked before anything else runs
+        build_runner(cfg, Path("/nowhere"), "x").check()  # the weights are checked before anything else runs
 
 
 def test_gan_refuses_paper_metrics(tmp_path, inception_file):
     from conftest import compose_cfg, tiny_overrides
 
-    from i2i_unlearning.pipeline import check_config
+    from i2i_unlearning.runner import build_runner
 
     cfg = compose_cfg(tiny_overrides(tmp_path, model="gan", method="cascaded", extra=[
         "metrics.features=inception", f"metrics.inception_weights={inception_file}"]))
-    with pytest.raises(ConfigError, match="GAN run path"):
-        check_config(cfg)
+    with pytest.raises(ConfigError, match="GAN runs score with the data set's own feature network"):
+        build_runner(cfg, tmp_path / "run", "x").check()
 
 
 def test_vqgan_loads_a_pretrained_tokenizer(tmp_path):
     """model.pretrained_tokenizer: a diffusers VQModel folder; the tokenizer stage loads it instead of training."""
-    from i2i_unlearning import pipeline
+    from conftest import prepared_runner
+
     from i2i_unlearning.families.vqgan import build_tokenizer
 
     model = tiny_model(tmp_path, "vqgan")
@@ -406,8 +398,7 @@ def test_vqgan_loads_a_pretrained_tokenizer(tmp_path):
     vq = build_tokenizer(**model._tokenizer_args)
     vq.save_pretrained(tmp_path / "vq")
     cfg = tiny_cfg(tmp_path, "vqgan", f"model.pretrained_tokenizer={tmp_path / 'vq'}", "model.train.epochs=0.1")
-    data_dir = pipeline.prepare_data(cfg)
-    trained, meta = pipeline.trained_model(cfg, data_dir, "retrain")
+    trained, meta = prepared_runner(cfg, tmp_path / "run").reference("retrain")
     assert meta["pre_train"]["tokenizer"] == "pretrained" and "tokenizer_psnr" in meta["pre_train"]
     assert all(torch.equal(trained.tokenizer.state_dict()[k], v) for k, v in vq.state_dict().items())
 
@@ -422,8 +413,8 @@ def test_a_run_scores_with_inception_features(tmp_path, inception_file):
     """metrics.features=inception reaches the run: FID / IS / cosine from the Inception network's outputs."""
     from conftest import compose_cfg, tiny_overrides
 
-    from i2i_unlearning import pipeline
     from i2i_unlearning.metrics.inception import InceptionFeatures
+    from i2i_unlearning.runner import build_runner
 
     cfg = compose_cfg(tiny_overrides(tmp_path, method="original", extra=[
         "metrics.features=inception", f"metrics.inception_weights={inception_file}", "metrics.audit=false"]))
@@ -431,7 +422,7 @@ def test_a_run_scores_with_inception_features(tmp_path, inception_file):
     embed = InceptionFeatures.embed_with_logits
     InceptionFeatures.embed_with_logits = lambda self, x: calls.append(len(x)) or embed(self, x)
     try:
-        result = pipeline.run(cfg, tmp_path / "run", "h")
+        result = build_runner(cfg, tmp_path / "run", "h").execute()
     finally:
         InceptionFeatures.embed_with_logits = embed
     m = result["metrics"]

@@ -5,11 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import METHODS, MODELS, compose_cfg, tiny_overrides
+from conftest import METHODS, MODELS, ROOT, compose_cfg, prepared_runner, tiny_overrides
 
-from i2i_unlearning import cli, gan_pipeline, pipeline
+from i2i_unlearning import cli
 from i2i_unlearning.errors import ConfigError
+from i2i_unlearning.gan_runner import GANRunner
 from i2i_unlearning.report.summary import write_summary
+from i2i_unlearning.runner import build_runner
 from i2i_unlearning.runs import config_hash, run_dir
 
 REQUIRED = ["retain_fid", "retain_is", "retain_cos", "forget_fid", "forget_is", "forget_cos",
@@ -18,12 +20,13 @@ GAN_REQUIRED = ["retain_fid", "retain_is", "forget_fid", "forget_class_share", "
 
 
 def _kind(model: str, method: str) -> str | None:
-    """The model kind when (model, method) can run together, else None (e.g. cascaded on MAE)."""
-    cfg = compose_cfg(["data=synthetic", f"model={model}", f"method={method}"])
+    """Which runner variant runs (model, method), else None (e.g. cascaded on MAE)."""
+    runner = build_runner(compose_cfg(["data=synthetic", f"model={model}", f"method={method}"]), ROOT, "x")
     try:
-        return gan_pipeline.check_pairing(cfg)
+        runner.check()
     except ConfigError:
         return None
+    return "gan" if isinstance(runner, GANRunner) else "i2i"
 
 
 PAIRS = [(mo, me, k) for mo in MODELS for me in METHODS if (k := _kind(mo, me))]
@@ -65,7 +68,7 @@ def test_every_model_pairs_with_its_methods_only():
 def test_incompatible_pair_fails_fast_naming_both(shared_tmp, model, method):
     cfg = compose_cfg(tiny_overrides(shared_tmp, model, method))
     with pytest.raises(ConfigError, match=f"method={method}.*model={model}"):
-        pipeline.run(cfg, shared_tmp / "never", "x")
+        build_runner(cfg, shared_tmp / "never", "x").execute()
 
 
 def test_report_has_a_row_per_run(shared_tmp):
@@ -94,16 +97,13 @@ def test_run_dir_ignores_logging_and_device_settings(shared_tmp):
 
 
 def test_same_seed_same_weights_other_seed_differs(shared_tmp):
-    def weights(seed):
+    def weights(seed, attempt):
         cfg = compose_cfg(tiny_overrides(shared_tmp, extra=[f"seed={seed}"]))
-        data_dir = pipeline.prepare_data(cfg)
-        original, _ = pipeline.trained_model(cfg, data_dir, "original")
-        method = pipeline.instantiate(cfg.method)
-        model, _ = pipeline.unlearn(cfg, data_dir, original, method, logger=None,
-                                    resume_dir=shared_tmp / f"resume-seed{seed}")
-        return model.state_dict()
+        runner = prepared_runner(cfg, shared_tmp / f"same-seed-{seed}-{attempt}")
+        runner.load_references()
+        return runner.unlearn()[0].state_dict()
 
-    a, b, c = weights(0), weights(0), weights(1)
+    a, b, c = weights(0, 0), weights(0, 1), weights(1, 0)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)  # control: the check can fail
 
@@ -111,10 +111,10 @@ def test_same_seed_same_weights_other_seed_differs(shared_tmp):
 def test_mismatched_sizes_fail_before_any_work(shared_tmp):
     cfg = compose_cfg(tiny_overrides(shared_tmp, extra=["model.image_size=28"]))
     with pytest.raises(ConfigError, match="model.image_size=28"):
-        pipeline.check_config(cfg)
+        build_runner(cfg, shared_tmp / "never", "x").check()
     cfg = compose_cfg(tiny_overrides(shared_tmp, extra=["task=center_tenth"]))
     with pytest.raises(ConfigError, match="center_tenth"):
-        pipeline.check_config(cfg)
+        build_runner(cfg, shared_tmp / "never", "x").check()
 
 
 def test_unknown_class_fails_and_is_recorded_as_failed_row(shared_tmp):
@@ -146,3 +146,13 @@ def test_unreachable_wandb_falls_back_to_offline(shared_tmp, monkeypatch):
     run = run_dir(cfg)
     assert json.loads((run / "metrics.json").read_text())["status"] == "ok"
     assert list((run / "wandb").glob("offline-run-*"))
+
+
+def test_nothing_is_written_outside_the_configured_paths(shared_tmp, tmp_path, monkeypatch):
+    """logger=none: no lightning_logs/ (or anything else) in the working directory."""
+    monkeypatch.chdir(tmp_path)
+    for model, method in (("mae", "ours"), ("gan", "finetune")):
+        cfg = compose_cfg(tiny_overrides(shared_tmp, model, method, runs="cwd_runs"))
+        cli.main(cfg)
+        assert json.loads((run_dir(cfg) / "metrics.json").read_text())["status"] == "ok"
+    assert list(tmp_path.iterdir()) == []

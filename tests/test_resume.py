@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
-from conftest import compose_cfg, tiny_overrides
+from conftest import compose_cfg, prepared_runner, tiny_overrides
 
-from i2i_unlearning import checkpointing, cli, pipeline
+from i2i_unlearning import cli, training
 from i2i_unlearning.families.base import Family
 from i2i_unlearning.runs import run_dir
 from i2i_unlearning.unlearning.module import UnlearnModule
@@ -32,7 +32,7 @@ def _kill_at(monkeypatch, cls, step: int):
 
 def _run(tmp, runs, extra=()):
     cfg = compose_cfg(tiny_overrides(tmp, "mae", "ours", runs=runs, extra=[
-        "method.steps=6", "resume.every_n_steps=2", "method.noise=uniform", *extra]))
+        "method.steps=6", "callbacks.model_checkpoint.every_n_train_steps=2", "method.noise=uniform", *extra]))
     cli.main(cfg)
     run = run_dir(cfg)
     return run, torch.load(run / "checkpoint.pt", weights_only=True), json.loads((run / "metrics.json").read_text())
@@ -57,23 +57,23 @@ def test_unlearning_resumes_bit_exact(shared_tmp, monkeypatch):
     assert m["metrics"] == ref_m["metrics"]
 
     # control: without the restored random state the noise images differ, and so do the weights
-    monkeypatch.setattr(checkpointing.RngState, "on_train_batch_start", lambda *a: None)
+    monkeypatch.setattr(training.RngState, "on_train_batch_start", lambda *a: None)
     _, w2, _ = _killed_then_resumed(shared_tmp, monkeypatch, "resume_no_rng")
     assert any(not torch.equal(ref_w[k], w2[k]) for k in ref_w)
 
 
 def test_original_training_resumes_bit_exact(tmp_path, monkeypatch):
     def train(root, kill):
-        cfg = compose_cfg(tiny_overrides(root, "mae", "original",
-                                         extra=["model.train.epochs=1", "resume.every_n_steps=2"]))
-        data_dir = pipeline.prepare_data(cfg)
+        extra = ["model.train.epochs=1", "callbacks.model_checkpoint.every_n_train_steps=2"]
+        cfg = compose_cfg(tiny_overrides(root, "mae", "original", extra=extra))
+        runner = prepared_runner(cfg, root / "run")
         if kill:
             with monkeypatch.context() as m:
                 _kill_at(m, Family, 3)
                 with pytest.raises(Killed):
-                    pipeline.trained_model(cfg, data_dir, "original")
+                    runner.reference("original")
             assert list((root / "cache" / "models").glob("*/resume/last.ckpt"))
-        model, meta = pipeline.trained_model(cfg, data_dir, "original")
+        model, meta = runner.reference("original")
         return model.state_dict(), meta
 
     ref, meta = train(tmp_path / "a", kill=False)

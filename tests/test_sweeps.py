@@ -12,8 +12,8 @@ from conftest import CONF, ROOT, compose_cfg, tiny_overrides
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from i2i_unlearning import pipeline
 from i2i_unlearning.report.summary import collect, write_summary
+from i2i_unlearning.runner import build_runner
 
 
 def sweep(tmp: Path, runs: str, *args: str) -> subprocess.CompletedProcess:
@@ -105,7 +105,7 @@ def test_paper_presets_compose_into_sweeps(tmp_path, table):
         assert "ours" in params["method"].split(",") and "original" in params["method"].split(",")
     if table == "outpaint_sweep":
         assert cfg.task == "outpaint_border_0.25" and len(cfg.extra_tasks) == 2
-    pipeline.check_config(cfg)
+    build_runner(cfg, tmp_path / "never", "x").check()
 
 
 def test_ddp_inside_a_sweep_runs_each_cell_once(shared_tmp):

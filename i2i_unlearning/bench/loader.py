@@ -7,7 +7,7 @@ import time
 
 from omegaconf import DictConfig
 
-from .. import pipeline
+from .. import runner
 from .common import ratio
 
 
@@ -15,7 +15,7 @@ def measure(cfg: DictConfig, data_dir, patch: int, batch_size: int, step_images_
     """Batches of the retain and forget streams, as the unlearning stage reads them; the first batch
     (worker start, first shard reads) is timed apart from the steady rate."""
     n = int(cfg.bench.loader.batches)
-    dm = pipeline.datamodule(cfg, data_dir, {"retain": ["retain_train"], "forget": ["forget_train"]}, batch_size,
+    dm = runner.datamodule(cfg, data_dir, {"retain": ["retain_train"], "forget": ["forget_train"]}, batch_size,
                              n + 1, cfg.seed, patch)
     t0 = time.perf_counter()
     it = iter(dm.train_dataloader())

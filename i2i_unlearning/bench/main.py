@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .. import pipeline
+from .. import runner
 from ..atomic import write_json
 from ..cli import CONF_DIR
 from . import evaluation, loader, step_cost, unlearn_vs_retrain
@@ -69,7 +69,7 @@ def _guard(errors: dict, seconds: dict, name: str, fn, *args, **kwargs):
     t0 = time.perf_counter()
     try:
         return fn(*args, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - the JSON says what failed and why
+    except Exception as exc:  # the JSON says what failed and why
         log.error("bench: %s failed: %s: %s", name, type(exc).__name__, exc)
         errors[name] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"
         return None
@@ -82,21 +82,23 @@ def run_family(overrides: list[str], family: str, extra: list[str], shared: dict
     t_start = time.perf_counter()
     cfg = compose_cfg([*overrides, f"model={family}", *extra])
     device = device_of(cfg)
-    perf = pipeline.perf_options(cfg)
+    perf = runner.perf_options(cfg)
     errors: dict[str, str] = {}
-    data_dir = pipeline.prepare_data(cfg)
+    data_dir = runner.prepare_data(cfg)
     if str(data_dir) not in shared:
-        eval_dm = pipeline.datamodule(cfg, data_dir, {"retain": ["retain_train"]}, 1, 1, cfg.seed, 1)
-        shared[str(data_dir)] = pipeline.feature_net(cfg, data_dir, eval_dm)[0]
+        eval_dm = runner.datamodule(cfg, data_dir, {"retain": ["retain_train"]}, 1, 1, cfg.seed, 1)
+        shared[str(data_dir)] = runner.feature_net(cfg, data_dir, eval_dm)[0]
     net = shared[str(data_dir)]
     methods = {m: instantiate(compose_cfg([*overrides, f"model={family}", *extra, f"method={m}"]).method)
                for m in cfg.bench.methods}
     recipe = OmegaConf.to_container(cfg.model.train, resolve=True)
     ocfg = _bench_original_cfg(cfg)
-    path = pipeline.model_cache_path(ocfg, data_dir, "original")
+    ref = runner.I2IRunner(ocfg, run_dir=Path(ocfg.paths.output_dir), chash="bench")
+    ref.data_dir, ref.nets = data_dir, (net, None, {})
+    path = ref.reference_path("original")
     cached = path.exists() and path.with_suffix(".json").exists()
     t0 = time.perf_counter()
-    original, meta = pipeline.trained_model(ocfg, data_dir, "original", net)
+    original, meta = ref.reference("original")
     original_s = time.perf_counter() - t0
     log.info("bench %s: original ready (%s, %.0f s); measuring step costs", family,
              "cached" if cached else "trained", original_s)
@@ -182,7 +184,8 @@ def ratios_of(res: dict) -> dict:
         a, b = (s[k] for k in sorted(s, key=int))
         out["eval_rate_large_vs_small_x"] = {
             "x": ev["x_rate_large_vs_small"], "why_na": None,
-            "abs": f"{a['images']} img: {a['images_per_s']:.0f} img/s; {b['images']} img: {b['images_per_s']:.0f} img/s"}
+            "abs": f"{a['images']} img: {a['images_per_s']:.0f} img/s; "
+                   f"{b['images']} img: {b['images_per_s']:.0f} img/s"}
         out["eval_memory_large_vs_small_x"] = {
             "x": ev["x_memory_large_vs_small"], "why_na": None if a["peak_mib"] is not None else "no memory reading",
             "abs": f"peak +{_fmt(a['peak_mib'], 0)} MiB at {a['images']} img, +{_fmt(b['peak_mib'], 0)} MiB at "
@@ -231,7 +234,8 @@ def extra_lines(results: dict) -> str:
     for family, res in results.items():
         ulr = (res or {}).get("unlearn_vs_retrain")
         if ulr:
-            grow = ", ".join(f"{name} ({g['retain_images']} retain img) x{g['x']:.1f}" for name, g in ulr["growth"].items())
+            grow = ", ".join(f"{name} ({g['retain_images']} retain img) x{g['x']:.1f}"
+                             for name, g in ulr["growth"].items())
             lines.append(f"{family}: unlearn vs retrain by retained data: {grow} "
                          f"[retrain {ulr['retrain']['how']}; {ulr['retrain']['source']}]")
         cost = (res or {}).get("cost")
@@ -252,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(base.seed)
     results, ratios, shared = {}, {}, {}
     for family, extra in base.bench.families.items():
-        if family == "gan":
+        if not issubclass(get_class(compose_cfg([*overrides, f"model={family}"]).model.runner._target_),
+                          runner.I2IRunner):  # the GAN: no unlearning steps to time (gan_ratios says why)
             results[family], ratios[family] = None, gan_ratios()
             continue
         log.info("bench: %s", family)
@@ -273,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(out / "latest.json", doc)
     print(text)
     print(notes)
-    print(f"\nbench finished in {wall:.0f} s (torch threads {torch.get_num_threads()}); wrote {out / f'bench-{stamp}.json'}")
+    print(f"\nbench finished in {wall:.0f} s (torch threads {torch.get_num_threads()}); "
+          f"wrote {out / f'bench-{stamp}.json'}")
     failed = {f: r["errors"] for f, r in results.items() if r and r["errors"]}
     return 1 if failed else 0

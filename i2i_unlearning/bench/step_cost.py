@@ -18,7 +18,7 @@ import itertools
 import torch
 from omegaconf import DictConfig
 
-from .. import pipeline
+from .. import runner
 from ..data.degrade import eval_mask
 from ..families.base import Family
 from ..unlearning.methods import UnlearningMethod
@@ -35,7 +35,7 @@ VARIANTS = {
 
 def _pool(cfg: DictConfig, data_dir, streams: dict, batch_size: int, n: int, patch: int, device) -> list[dict]:
     """``n`` real batches of the shard loader (decoded, degraded), held in memory on ``device``."""
-    dm = pipeline.datamodule(cfg, data_dir, streams, batch_size, n, cfg.seed, patch)
+    dm = runner.datamodule(cfg, data_dir, streams, batch_size, n, cfg.seed, patch)
     batches = [b for b, _, _ in itertools.islice(iter(dm.train_dataloader()), n)]
     return [{k: to_device(v, device) for k, v in b.items()} for b in batches]
 

@@ -28,7 +28,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from .. import pipeline
+from .. import runner
 from ..families.base import Family
 from ..metrics.evaluate import SplitScorer
 from ..unlearning.module import UnlearnModule
@@ -50,7 +50,7 @@ def unlearn_to_criterion(cfg: DictConfig, data_dir, original: Family, net, devic
     b = cfg.bench.unlearn
     method = instantiate(cfg.method)
     n, max_steps, every = int(b.eval_images), int(b.max_steps), int(b.check_every)
-    eval_dm = pipeline.datamodule(cfg, data_dir, {"retain": ["retain_train"]}, 1, 1, cfg.seed, original.mask_patch)
+    eval_dm = runner.datamodule(cfg, data_dir, {"retain": ["retain_train"]}, 1, 1, cfg.seed, original.mask_patch)
     original = original.to(device).eval()
     base = {s: split_fid(cfg, eval_dm, net, original, s, n, device) for s in ("forget", "retain")}
     module = UnlearnModule(original, method, **perf).to(device)
@@ -59,7 +59,7 @@ def unlearn_to_criterion(cfg: DictConfig, data_dir, original: Family, net, devic
     opt = torch.optim.AdamW(params, lr=method.lr, weight_decay=method.weight_decay)
     clip = cfg.trainer.get("gradient_clip_val")
     streams = {"retain": [method.retain_split], "forget": ["forget_train"]}
-    dm = pipeline.datamodule(cfg, data_dir, streams, method.batch_size, max_steps, cfg.seed, original.mask_patch)
+    dm = runner.datamodule(cfg, data_dir, streams, method.batch_size, max_steps, cfg.seed, original.mask_patch)
     it = iter(dm.train_dataloader())
     step_s = check_s = 0.0
     checks, met_at = [], None

@@ -80,7 +80,7 @@ class _Decode:
 
 
 def _local_seed(seed: int, epoch: _Epoch) -> int:
-    """Seed for this (stream, epoch, rank, worker), read where the pipeline runs."""
+    """Seed for this (stream, epoch, rank, worker), read where the data loader runs."""
     rank, _, worker, _ = pytorch_worker_info()
     return _derived_seed(seed, epoch.value, rank, worker)
 

@@ -49,7 +49,7 @@ def png_of_file(job: tuple[str, int, int]) -> tuple[bytes | None, str | None]:
     path, size, channels = job
     try:
         array = load_square(path, size, channels)
-    except Exception as exc:  # noqa: BLE001 - any decoder failure means a corrupt file; reported by name
+    except Exception as exc:  # any decoder failure means a corrupt file; reported by name
         return None, f"{type(exc).__name__}: {exc}"
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
@@ -122,7 +122,8 @@ class ImageFolderSource(ImageSource):
             for entry in sorted(os.scandir(top), key=lambda e: e.name):
                 if entry.is_dir() and not entry.name.startswith("."):
                     found[entry.name] = sorted(
-                        f"{entry.name}/{f.name}" for f in os.scandir(entry.path) if f.is_file() and self._is_image(f.name)
+                        f"{entry.name}/{f.name}" for f in os.scandir(entry.path)
+                        if f.is_file() and self._is_image(f.name)
                     )
         else:
             for dirpath, dirnames, filenames in os.walk(top):

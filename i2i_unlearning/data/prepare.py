@@ -223,12 +223,16 @@ def _item_split(train: np.ndarray, items: dict, seed: int) -> tuple[np.ndarray, 
 
 
 def config_kwargs(d) -> dict:
-    """`prepare` keyword arguments of a Hydra data config (``cfg.data``) for class unlearning; the GAN
-    path adds its item settings. Keys absent from older configs take their defaults."""
+    """`prepare` keyword arguments of a Hydra data config (``cfg.data``): the class split and, for item
+    unlearning (``forget_kind: item``), the forgotten items. Keys absent from a config take their defaults."""
     def names(value):
         return None if value is None else list(value)
 
+    kind = d.get("forget_kind", "class")
+    items = names(d.get("forget_items"))
     return dict(
+        forget_kind=kind, forget_items=items,
+        forget_item_count=d.get("forget_item_count") if kind == "item" and items is None else None,
         forget_classes=names(d.forget_classes), retain_classes=names(d.retain_classes),
         proxy_classes=names(d.proxy_classes), image_size=d.image_size, train_per_class=d.train_per_class,
         eval_per_class=d.eval_per_class, shard_size=d.shard_size, seed=d.get("split_seed", 0),

@@ -129,7 +129,7 @@ class ShardWriter:
         """Append one sample ({"__key__": "%07d", "png", "cls"})."""
         if self._sink is None:
             self._path = self.out_dir / f"{self.split}-{len(self.shards):05d}.tar"
-            self._stream = open(self._path, "wb")  # noqa: SIM115 - closed in _close_shard
+            self._stream = open(self._path, "wb")  # closed in _close_shard
             self._sink = wds.TarWriter(self._stream, encoder=False, mtime=0)
         self._sink.write({"__key__": f"{int(key):07d}", "png": png, "cls": b"%d" % int(label)})
         self._count += 1

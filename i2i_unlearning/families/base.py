@@ -36,7 +36,7 @@ Embedding = Tensor | list[Tensor]
 
 @dataclass
 class StageContext:
-    """What the pipeline hands a family's pre-training stages (e.g. a VQ tokenizer)."""
+    """What the runner hands a family's pre-training stages (e.g. a VQ tokenizer)."""
 
     train_batches: Callable[[int], Iterator[dict]]  # n -> n training batches of the model's splits
     eval_batches: Callable[[str], Iterator[dict]]  # split name (e.g. "retain_eval") -> fixed eval batches

@@ -1,6 +1,6 @@
 """DCGAN family: an unconditional generator G(z) and a discriminator D(x) for 32x32 images.
 
-Not an image-to-image family (no masks, no restore): it has its own run path (gan_pipeline.py) and
+Not an image-to-image family (no masks, no restore): it has its own runner variant (gan_runner.py) and
 its own unlearning method (unlearning/cascaded.py). One training step (`training_step`) serves every
 stage that trains it: the original / retrain models (real = training images), the learning stage
 of the cascade (real = retain images) and its unlearning stage, where a batch may also carry images
@@ -89,12 +89,13 @@ class DCGAN(L.LightningModule):
     family_name = "gan"
 
     def __init__(self, image_size: int = 32, channels: int = 1, latent_dim: int = 100, width: int = 32,
-                 d_norm: str = "batch", train: dict | None = None, name: str = "gan", kind: str = "gan",
-                 eval: dict | None = None,  # noqa: A002 - name, kind, eval, pretrained: read by the run path
+                 d_norm: str = "batch", train: dict | None = None, name: str = "gan",
+                 eval: dict | None = None,  # name, eval, pretrained: read by the runner
                  pretrained: str | None = None):
         super().__init__()
         if image_size != 32:
-            raise ConfigError(f"DCGAN: image_size={image_size}; this DCGAN generates 32x32 images (set data.image_size=32)")
+            raise ConfigError(f"DCGAN: image_size={image_size}; this DCGAN generates 32x32 images "
+                              "(set data.image_size=32)")
         if latent_dim < 1 or width < 1:
             raise ConfigError(f"DCGAN(latent_dim={latent_dim}, width={width}): both must be positive")
         self.image_size, self.channels, self.latent_dim = image_size, channels, latent_dim
@@ -180,9 +181,11 @@ class BatchStream(torch.utils.data.IterableDataset):
         for name, fields in pools.items():
             lengths = {len(v) for v in fields.values()}
             if len(lengths) != 1 or 0 in lengths:
-                raise ConfigError(f"batch pool {name!r} has fields of lengths {sorted(lengths)}; need one non-zero length")
+                raise ConfigError(f"batch pool {name!r} has fields of lengths {sorted(lengths)}; "
+                                  "need one non-zero length")
         if steps < 1 or set(sizes) != set(pools) or min(sizes.values()) < 1:
-            raise ConfigError(f"BatchStream(steps={steps}, sizes={sizes}): need steps >= 1 and a positive size per pool")
+            raise ConfigError(f"BatchStream(steps={steps}, sizes={sizes}): need steps >= 1 and a positive size "
+                              "per pool")
         self.pools, self.sizes, self.steps, self.seed = pools, sizes, steps, seed
 
     def __len__(self) -> int:

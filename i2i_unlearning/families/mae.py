@@ -42,7 +42,7 @@ class MAE(Family):
         mlp_ratio: float = 4.0,
         train: dict | None = None,
         name: str = "mae",
-        pretrained: str | None = None,  # read by the pipeline (weights of the original model)
+        pretrained: str | None = None,  # read by the runner (weights of the original model)
     ):
         super().__init__(image_size, channels, train)
         if image_size % patch_size:

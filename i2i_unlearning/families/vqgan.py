@@ -12,7 +12,7 @@ bidirectional transformer (timm blocks) that predicts the token ids of the missi
   logits. ``tie_head=True`` reuses the token embedding matrix as the head's output weight (as
   MAGE does); that weight then counts as an encoder parameter, so encoder-only methods change
   the head too and the "frozen decoder" is only approximately frozen.
-* Training uses the pipeline's random patch-aligned masks (patches, blocks, kept blocks with
+* Training uses the data module's random patch-aligned masks (patches, blocks, kept blocks with
   their own random ratios), not MAGE's truncated-normal ratio on [0.5, 1], so every family
   trains on the same degradations; loss = label-smoothed cross-entropy on missing tokens.
 * ``restore``: MaskGIT iterative parallel decoding (cosine schedule, Gumbel-noised choice of
@@ -104,7 +104,7 @@ class VQGAN(Family):
         latent_margin: int = 1,
         train: dict | None = None,
         name: str = "vqgan",
-        pretrained: str | None = None,  # read by the pipeline (weights of the original model)
+        pretrained: str | None = None,  # read by the runner (weights of the original model)
         pretrained_tokenizer: str | None = None,
     ):
         super().__init__(image_size, channels, train)

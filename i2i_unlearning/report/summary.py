@@ -203,8 +203,9 @@ def distance_to_retrain(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     * `s_k_rt_d` = value - retrain's value (signed);
     * the normalised gap |value - retrain's| / scale_k, where scale_k = max(|original - retrain| on forget,
-      |original - retrain| on retain) for that metric (of the splits both report): the way the original model has to go, so 1 means
-      "as far from retrain as the untouched original" and the score does not depend on the other rows.
+      |original - retrain| on retain) for that metric (of the splits both report): the way the original
+      model has to go, so 1 means "as far from retrain as the untouched original" and the score does not
+      depend on the other rows.
       A metric with a zero or missing scale is left out;
     * `s_dist_to_retrain` = the mean normalised gap over the split's metrics; `dist_to_retrain` = the mean
       over both splits' gaps, the one number that ranks methods (0 = retrain itself; lower is better).

@@ -1,7 +1,7 @@
 """Cascaded unlearning for GANs (Sun, Zhu, Chang, Zhou, "Generative Adversarial Networks Unlearning", 2023).
 
 A documented RECONSTRUCTION: the paper's code is not public and only its abstract is verified
-(METHODS.md section 2). Verified: unconditional GANs, item and class unlearning, a substitution
+(docs/gan.md). Verified: unconditional GANs, item and class unlearning, a substitution
 mechanism for the generator, a fake label for the discriminator, unlearning and learning stages
 alternating. Everything else is a choice of ours, exposed as an option of `Cascaded`:
 
@@ -101,7 +101,7 @@ def retain_stream(images: Tensor, keys: list[str], batch_size: int, steps: int, 
 
 
 class GANMethod:
-    """Base of GAN-only unlearning methods (an image-to-image model cannot run them)."""
+    """Base of GAN-only unlearning methods: `run` unlearns a whole model (an image-to-image model cannot run them)."""
 
     trains = True
     start_from = "original"

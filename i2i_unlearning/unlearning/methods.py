@@ -7,7 +7,7 @@ Each method is chosen by Hydra ``_target_`` (conf/method/*.yaml) and says:
   * its loss on a forget batch and a retain batch, given the student and the frozen
     original (the teacher).
 
-The formulas are METHODS.md section 1. Batches are dicts with "image" and "mask" (and, from the
+The formulas are in docs/methods.md. Batches are dicts with "image" and "mask" (and, from the
 data module, "key": the items' ids, which the optional teacher cache uses).
 
 Frozen-teacher fast paths (``FrozenTeacher``): every teacher call runs under ``torch.inference_mode``
@@ -168,6 +168,7 @@ class UnlearningMethod:
     trains = True
     encoder_only = False
     needs_forget = True
+    family_training = False  # True: the method is the family's own training on D_R (finetune)
     start_from = "original"
 
     def __init__(
@@ -201,7 +202,7 @@ class UnlearningMethod:
         return list(student.encoder_parameters() if self.encoder_only else student.parameters())
 
     def noise_like(self, images: Tensor) -> Tensor:
-        """The noise image n of METHODS.md (moment-matched by default)."""
+        """The noise image n of docs/methods.md (uniform, normal (moment-matched) or constant)."""
         return noise_image(images, self.noise)
 
     def loss(self, student: Family, teacher: Family, forget: dict | None, retain: dict) -> dict[str, Tensor]:
@@ -295,6 +296,7 @@ class Finetune(UnlearningMethod):
     """Reference: continue training the full model on D_R only."""
 
     needs_forget = False
+    family_training = True  # the family's own training on D_R: a runner may run it with the family's own step
 
     def loss(self, student, teacher, forget, retain):
         r = student.task_loss(retain["image"], retain["mask"])

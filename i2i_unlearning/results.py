@@ -1,0 +1,64 @@
+"""The metrics.json schema: one `RunResult` per run dir, written in one place (`write_result`).
+
+``metrics`` holds the scores (``<split>_<metric>``, ``<task>_<split>_<metric>``), ``floors`` the levels
+they are read against; ``extra`` holds what a runner variant records besides (the task, the start
+model's pre-training figures, the GAN's reference models and criterion) and is written at the top level.
+The report (report/summary.py) reads these files back into one table.
+"""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from .atomic import write_json
+
+STATUSES = ("ok", "failed")
+
+
+@dataclass
+class RunResult:
+    """One run's outcome: identity, status, timings and scores."""
+
+    family: str
+    method: str
+    dataset: str
+    seed: int
+    status: str
+    config_hash: str
+    error: str | None = None
+    unlearn_s: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    floors: dict[str, float] = field(default_factory=dict)
+    feature_net_test_acc: float | None = None
+    original_train_s: float | None = None
+    traceback: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"status={self.status!r}: use one of {STATUSES}")
+
+    @classmethod
+    def failed(cls, cfg: DictConfig, chash: str, exc: BaseException) -> RunResult:
+        """The row of a run that raised ``exc``: its error and traceback, no scores."""
+        return cls(family=cfg.model.name, method=cfg.method.name, dataset=cfg.data.name, seed=cfg.seed,
+                   status="failed", config_hash=chash, error=f"{type(exc).__name__}: {exc}",
+                   traceback=traceback.format_exc())
+
+    def to_json(self) -> dict[str, Any]:
+        """The metrics.json object: the fields, with ``extra`` at the top level and unset optionals dropped."""
+        data = asdict(self)
+        extra = data.pop("extra")
+        if data["traceback"] is None:
+            del data["traceback"]
+        return {**data, **extra}
+
+
+def write_result(run_dir: Path, result: dict[str, Any]) -> None:
+    """``run_dir/metrics.json`` (atomically)."""
+    write_json(Path(run_dir) / "metrics.json", result)

@@ -1,0 +1,371 @@
+"""The one stage runner: check -> prepare -> references (original, retrain; cached) -> unlearn -> evaluate
+-> write, for every family.
+
+`Runner` holds the stages every run shares; a variant fills the ones that differ (data loading, the
+unlearning call, the metrics). The variant is chosen by ``model.runner._target_`` in the model config:
+`I2IRunner` (here) for image-to-image families, `gan_runner.GANRunner` for the GAN. Expensive stages are
+cached under ``paths.cache_dir`` by a hash of the config they depend on, so a sweep trains the original
+and retrain models once and every cell reuses them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from . import distributed
+from .atomic import torch_save, write_atomic, write_json, write_text
+from .data.datamodule import ForgetRetainDataModule
+from .data.prepare import config_kwargs, prepare
+from .errors import ConfigError
+from .families.base import Family, StageContext
+from .metrics.features import load_or_train_feature_net, tensor_batches
+from .metrics.models import check_metrics_config, feature_models
+from .metrics.restoration import evaluate_on
+from .report.figures import save_grid
+from .results import RunResult
+from .runs import stable_hash
+from .training import fit_resumable, make_trainer
+from .unlearning.module import UnlearnModule, compile_hooks, to_channels_last
+from .weights import load_weights
+
+log = logging.getLogger("i2iu")
+TRAIN_SPLITS = ("forget_train", "retain_train", "proxy_train")
+STREAM_SPLITS = {"original": list(TRAIN_SPLITS), "retrain": ["retain_train"]}
+MODEL_META_KEYS = ("runner", "size", "sizes")  # model config keys the runner reads; not family arguments
+
+
+# ---- config -----------------------------------------------------------------------------------
+def apply_size(cfg: DictConfig) -> DictConfig:
+    """Merge the model's size preset (``model.sizes[model.size]``, e.g. ``model.size=tiny``) into
+    ``cfg.model`` in place, so the written config and the run hash hold the sizes that run."""
+    size = cfg.model.get("size", "default")
+    if size == "default":
+        return cfg
+    sizes = cfg.model.get("sizes") or {}
+    if size not in sizes:
+        raise ConfigError(f"model.size={size!r}: model={cfg.model.name} has sizes {['default', *sizes]}")
+    with open_dict(cfg):
+        cfg.model = OmegaConf.merge(cfg.model, sizes[size])
+    return cfg
+
+
+def build_family(model_cfg: DictConfig) -> Any:
+    """The model of ``model_cfg`` (its ``_target_``), without the keys only the runner reads."""
+    node = {k: v for k, v in OmegaConf.to_container(model_cfg, resolve=True).items() if k not in MODEL_META_KEYS}
+    return instantiate(node, _convert_="all")  # plain containers: checkpoints load weights_only
+
+
+def build_runner(cfg: DictConfig, run_dir: Path, chash: str, logger=None) -> Runner:
+    """The runner variant the model config names (``model.runner._target_``)."""
+    node = cfg.model.get("runner")
+    if node is None or "_target_" not in node:
+        raise ConfigError(f"model={cfg.model.name} names no runner: add `runner: {{_target_: "
+                          "i2i_unlearning.runner.I2IRunner}` to its config (conf/model/<name>.yaml)")
+    return instantiate(node, cfg=cfg, run_dir=run_dir, chash=chash, logger=logger, _recursive_=False)
+
+
+def perf_options(cfg: DictConfig) -> dict:
+    """The fast-path switches of ``cfg.perf`` (conf/config.yaml; docs/performance.md)."""
+    p = cfg.get("perf") or {}
+    return {"batch_teacher": bool(p.get("batch_teacher", True)), "teacher_cache": bool(p.get("teacher_cache", False)),
+            "channels_last": bool(p.get("channels_last", False)), "compile": bool(p.get("compile", False))}
+
+
+# ---- data -------------------------------------------------------------------------------------
+def prepare_data(cfg: DictConfig) -> Path:
+    """Shards + manifest for the configured class or item split (cached by its hash)."""
+    return prepare(instantiate(cfg.data.source), Path(cfg.paths.cache_dir) / "data", **config_kwargs(cfg.data))
+
+
+def datamodule(cfg: DictConfig, data_dir: Path, streams: dict, batch_size: int, steps: int, seed: int,
+               patch: int) -> ForgetRetainDataModule:
+    """Training streams (``streams``: name -> splits) of ``steps`` batches, masked on the fly."""
+    return ForgetRetainDataModule(
+        data_dir, streams=streams, batch_size=batch_size, epoch_batches=steps,
+        num_workers=cfg.data.num_workers, patch=patch, mask_ratio=tuple(cfg.data.mask_ratio),
+        mask_kinds=tuple(cfg.data.mask_kinds), seed=seed, fixed_task=cfg.data.get("train_task"),
+        shared_mask_shape=bool(cfg.data.get("shared_mask_shape", False)),
+    )
+
+
+def split_tensors(dm: ForgetRetainDataModule, splits: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images and labels of ``splits`` in memory (small data sets: feature-net training)."""
+    xs, ys = [], []
+    for s in splits:
+        for b in dm.eval_batches(s, "center_half", batch_size=1024):
+            xs.append(b["image"])
+            ys.append(b["label"])
+    return torch.cat(xs), torch.cat(ys)
+
+
+def feature_net(cfg: DictConfig, data_dir: Path, dm: ForgetRetainDataModule):
+    """The default feature network, trained once on all training classes and cached with the data."""
+    x_train, y_train = split_tensors(dm, list(TRAIN_SPLITS))
+    x_test, y_test = split_tensors(dm, ["forget_eval", "retain_eval", "proxy_eval"])
+    train_batches, test_batches = tensor_batches(x_train, y_train, x_test, y_test, seed=0)
+    fcfg = cfg.metrics.feature_net
+    return load_or_train_feature_net(
+        data_dir, key=stable_hash({"epochs": fcfg.epochs, "lr": fcfg.lr}, 8),
+        train_batches=train_batches, test_batches=test_batches, channels=dm.channels,
+        num_classes=dm.num_classes, image_size=dm.image_size, epochs=fcfg.epochs, lr=fcfg.lr, seed=0,
+    )
+
+
+# ---- the stages ---------------------------------------------------------------------------------
+class Runner:
+    """One run into ``run_dir``: `execute` calls the stages in order and returns the metrics.json content.
+
+    Shared here: the config check, data preparation, the scoring networks, the cached reference models
+    (original loaded from ``model.pretrained`` or trained, retrain trained; both with the same recipe and
+    resumable), and writing the run dir. A variant implements `accepts`, `reference_key`,
+    `train_reference`, `unlearn`, `evaluate` and `grid`.
+    """
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, chash: str, logger=None):
+        self.cfg, self.run_dir, self.chash, self.logger = apply_size(cfg), Path(run_dir), chash, logger
+        self.method = None
+        self.mask_patch = 1
+        self.data_dir: Path | None = None
+        self.nets: tuple = (None, None, {})
+        self.refs: dict[str, tuple[Any, dict]] = {}
+
+    # -- the run
+    def execute(self) -> dict:
+        """check -> prepare -> references -> unlearn -> evaluate -> write."""
+        self.check()
+        self.data_dir = self.prepare()
+        self.nets = self.scoring_nets()
+        self.load_references()
+        model, unlearn_s, info = self.unlearn()
+        log.info("evaluating %s on %s", self.method.name, self.cfg.model.name)
+        metrics, floors, extra = self.evaluate(model)
+        return self.write(model, unlearn_s, metrics, floors, {**info, **extra})
+
+    # -- check
+    def check(self) -> None:
+        """Cheap consistency checks, before any data or training work (ConfigError naming the key)."""
+        cfg = self.cfg
+        if cfg.model.image_size != cfg.data.image_size:
+            raise ConfigError(
+                f"model.image_size={cfg.model.image_size} differs from data.image_size={cfg.data.image_size}"
+            )
+        if cfg.model.channels != cfg.data.channels:
+            raise ConfigError(f"model.channels={cfg.model.channels} differs from data.channels={cfg.data.channels}")
+        check_metrics_config(cfg.metrics)  # weights files of paper metrics: fail before any work
+        self.method = instantiate(cfg.method)
+        problem = self.accepts(self.method)
+        if problem:
+            raise ConfigError(f"method={cfg.method.name} cannot run on model={cfg.model.name}: {problem}")
+        # a model config that cannot work fails here, before data work
+        self.mask_patch = getattr(build_family(cfg.model), "mask_patch", 1)
+
+    def accepts(self, method) -> str | None:
+        """None when this variant can run ``method``, else why not (with what to choose instead)."""
+        raise NotImplementedError
+
+    # -- prepare
+    def prepare(self) -> Path:
+        """Shards + manifest of the configured split (cached by its hash)."""
+        return prepare_data(self.cfg)
+
+    def scoring_nets(self) -> tuple:
+        """(feature net, embedding net or None, info): ``metrics.features`` / ``metrics.embedding``. The
+        eval data module (``self.eval_dm``) is the one evaluation reads too."""
+        self.eval_dm = datamodule(self.cfg, self.data_dir, {"retain": ["retain_train"]}, 1, 1, self.cfg.seed,
+                                  self.mask_patch)
+        return feature_models(self.cfg.metrics, lambda: feature_net(self.cfg, self.data_dir, self.eval_dm))
+
+    # -- references
+    def load_references(self) -> None:
+        """The reference models this run needs (``original`` always; ``needs_references``)."""
+        for kind in self.needs_references():
+            self.refs[kind] = self.reference(kind)
+
+    def needs_references(self) -> list[str]:
+        return list(dict.fromkeys(["original", self.method.start_from]))
+
+    def reference(self, kind: str) -> tuple[Any, dict]:
+        """The family trained on all training images (``original``) or on retain only (``retrain``), cached;
+        with ``model.pretrained`` set, the original is loaded from that file instead."""
+        cfg, rec = self.cfg, self.cfg.model.train
+        L.seed_everything(rec.seed, workers=True, verbose=False)
+        model = build_family(cfg.model)
+        if kind == "original" and cfg.model.get("pretrained") is not None:
+            info = load_weights(model, cfg.model.pretrained, what="model.pretrained")
+            log.info("original %s model: %d tensors loaded from %s", cfg.model.name, info["tensors"], info["path"])
+            return model.eval(), {"kind": kind, "train_s": 0.0, "pre_train": {}, "pretrained": info}
+        path = self.reference_path(kind)
+        meta_path = path.with_suffix(".json")
+        if path.exists() and meta_path.exists():
+            model.load_state_dict(torch.load(path, weights_only=True))
+            return model.eval(), json.loads(meta_path.read_text())
+        t0 = time.perf_counter()
+        meta = self.train_reference(model, kind, path.with_suffix(""))
+        meta = {"kind": kind, "train_s": time.perf_counter() - t0, **meta}
+        if distributed.world()[0] == 0:
+            torch_save(path, model.state_dict())
+            write_json(meta_path, meta)
+        return model.eval(), meta
+
+    def reference_path(self, kind: str) -> Path:
+        """Where the ``kind`` reference model is cached (its record beside it, as .json)."""
+        return Path(self.cfg.paths.cache_dir) / "models" / f"{self.cfg.model.name}-{kind}-{self.reference_key(kind)}.pt"
+
+    def reference_key(self, kind: str) -> str:
+        """The cache key of the ``kind`` reference model: everything its training depends on."""
+        raise NotImplementedError
+
+    def train_reference(self, model, kind: str, workdir: Path) -> dict:
+        """Train ``model`` in place as the ``kind`` reference (checkpoints under ``workdir``); returns what
+        to record with it (steps, images, recipe)."""
+        raise NotImplementedError
+
+    def start_model(self) -> tuple[Any, dict]:
+        """The model the method starts from (``method.start_from``) and its record."""
+        return self.refs[self.method.start_from]
+
+    # -- unlearn / evaluate (variants)
+    def unlearn(self) -> tuple[Any, float, dict]:
+        """(the unlearned model, wall-clock seconds of unlearning, what to record of it)."""
+        raise NotImplementedError
+
+    def evaluate(self, model) -> tuple[dict, dict, dict]:
+        """(metrics, floors, more to record): the variant's scores of ``model``."""
+        raise NotImplementedError
+
+    def grid(self, model) -> dict[str, torch.Tensor]:
+        """Rows of the run's image grid (name -> images)."""
+        raise NotImplementedError
+
+    # -- write
+    def write(self, model, unlearn_s: float, metrics: dict, floors: dict, info: dict) -> dict:
+        """grid.png and checkpoint.pt into the run dir; returns the metrics.json content."""
+        save_grid(self.run_dir / "grid.png", self.grid(model))
+        torch_save(self.run_dir / "checkpoint.pt", model.state_dict())
+        original_meta = self.refs["original"][1]
+        return RunResult(
+            family=self.cfg.model.name, method=self.method.name, dataset=self.cfg.data.name, seed=self.cfg.seed,
+            status="ok", config_hash=self.chash, unlearn_s=unlearn_s, metrics=metrics, floors=floors,
+            feature_net_test_acc=self.nets[2].get("test_acc"), original_train_s=original_meta["train_s"],
+            extra=info,
+        ).to_json()
+
+
+class I2IRunner(Runner):
+    """Image-to-image families (MAE, VQ-GAN, diffusion): masked training streams, `UnlearnModule`
+    for every method with a loss, restoration metrics over the eval splits."""
+
+    def accepts(self, method) -> str | None:
+        if not callable(getattr(method, "loss", None)):
+            return ("it has no loss over (forget, retain) batches; image-to-image models run original, "
+                    "retrain, finetune, ours, ours_proxy, max_loss, noisy_label, retain_label, random_encoder")
+        if self.cfg.data.get("forget_kind", "class") != "class":
+            return (f"data.forget_kind={self.cfg.data.forget_kind} (data={self.cfg.data.name}): image-to-image "
+                    "models unlearn classes (use data.forget_kind=class)")
+        for task in [self.cfg.task, *self.cfg.extra_tasks]:
+            from .data.degrade import task_mask_fn
+
+            try:
+                task_mask_fn(task)
+            except ConfigError as exc:
+                raise ConfigError(f"task={task!r}: {exc}") from None
+        return None
+
+    def reference_key(self, kind: str) -> str:
+        model_cfg = OmegaConf.to_container(self.cfg.model, resolve=True)
+        model_cfg.pop("pretrained", None)  # never part of the key: retrain is trained either way
+        manifest = json.loads((self.data_dir / "manifest.json").read_text())
+        data = OmegaConf.to_container(self.cfg.data, resolve=True)
+        degradation = {k: data.get(k) for k in ("mask_ratio", "mask_kinds", "num_workers", "train_task")}
+        return stable_hash({"data": manifest["config_hash"], "degradation": degradation, "model": model_cfg,
+                            "kind": kind, "precision": self.cfg.trainer.precision})
+
+    def train_reference(self, model: Family, kind: str, workdir: Path) -> dict:
+        cfg, rec = self.cfg, self.cfg.model.train
+        manifest = json.loads((self.data_dir / "manifest.json").read_text())
+        n_images = sum(manifest["splits"][s]["count"] for s in STREAM_SPLITS[kind])
+        steps = max(1, math.ceil(rec.epochs * n_images / rec.batch_size))
+        log.info("training the %s %s model: %g epochs of %d images = %d steps of %d (cached as %s.pt)",
+                 kind, cfg.model.name, rec.epochs, n_images, steps, rec.batch_size, workdir.name)
+        model.train_cfg["steps"] = steps  # the lr schedule spans the whole run
+        dm = datamodule(cfg, self.data_dir, {"train": STREAM_SPLITS[kind]}, rec.batch_size, steps, rec.seed,
+                        model.mask_patch)
+        perf = perf_options(cfg)
+        if perf["channels_last"]:
+            to_channels_last(model)
+        if perf["compile"]:
+            compile_hooks(model)
+        t0 = time.perf_counter()
+        pre = model.pre_train(self.stage_context(kind, model.mask_patch, workdir))
+        pre_train_s = time.perf_counter() - t0
+        tr = make_trainer(cfg, steps, ckpt_dir=workdir / "resume", root=workdir)
+        fit_resumable(tr, model, dm, workdir / "resume")
+        return {"pre_train_s": pre_train_s, "pre_train": pre, "steps": steps, "images": n_images,
+                "epochs": rec.epochs, "batch_size": rec.batch_size, "splits": STREAM_SPLITS[kind],
+                "final_loss": float(tr.callback_metrics.get("train/loss", float("nan")))}
+
+    def stage_context(self, kind: str, patch: int, workdir: Path) -> StageContext:
+        """Data access for a family's pre-training stages, on the splits of ``kind``."""
+        cfg, rec = self.cfg, self.cfg.model.train
+
+        def train_batches(n: int):
+            dm = datamodule(cfg, self.data_dir, {"train": STREAM_SPLITS[kind]}, rec.batch_size, n, rec.seed, patch)
+            for batch, _, _ in iter(dm.train_dataloader()):
+                yield batch["train"]
+
+        eval_dm = datamodule(cfg, self.data_dir, {"train": STREAM_SPLITS[kind]}, 1, 1, rec.seed, patch)
+        return StageContext(
+            train_batches=train_batches,
+            eval_batches=lambda split: eval_dm.eval_batches(split, cfg.task, batch_size=cfg.metrics.eval_batch_size),
+            workdir=workdir, feature_net=self.nets[0], seed=rec.seed,
+        )
+
+    def unlearn(self) -> tuple[Family, float, dict]:
+        start, start_meta = self.start_model()
+        method, cfg = self.method, self.cfg
+        info = {f"{method.start_from}_{k}": v for k, v in start_meta.get("pre_train", {}).items()}
+        if not method.trains:  # a reference: its cost is its training time
+            return start, start_meta["train_s"] if method.start_from == "retrain" else 0.0, info
+        log.info("unlearning: %s on %s for %d steps", method.name, cfg.model.name, method.steps)
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        module = UnlearnModule(start, method, **perf_options(cfg))
+        streams = {"retain": [method.retain_split]}
+        if method.needs_forget:
+            streams["forget"] = ["forget_train"]
+        dm = datamodule(cfg, self.data_dir, streams, method.batch_size, method.steps, cfg.seed, start.mask_patch)
+        ckpt_dir = self.run_dir / "resume"
+        t0 = time.perf_counter()
+        fit_resumable(make_trainer(cfg, method.steps, logger=self.logger, ckpt_dir=ckpt_dir, root=self.run_dir),
+                      module, dm, ckpt_dir)
+        return module.student.eval(), time.perf_counter() - t0, info
+
+    def evaluate(self, model: Family) -> tuple[dict, dict, dict]:
+        cfg, (net, embed_net, _) = self.cfg, self.nets
+        metrics, floors, self._grid, embeddings = distributed.launch(
+            cfg.trainer, evaluate_on, cfg, self.eval_dm, model, self.refs["original"][0], net, embed_net)
+        if embeddings:
+            def save_npz(tmp: Path) -> None:
+                with tmp.open("wb") as f:
+                    np.savez(f, **embeddings)
+
+            write_atomic(self.run_dir / "embeddings.npz", save_npz)
+        return metrics, floors, {"task": cfg.task}
+
+    def grid(self, model: Family) -> dict[str, torch.Tensor]:
+        return self._grid
+
+
+def write_config(cfg: DictConfig, run: Path) -> None:
+    """The resolved config of a run, as ``config.yaml`` in its run dir."""
+    write_text(run / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))

@@ -26,10 +26,10 @@ from .data.prepare import load_manifest
 from .data.shards import read_shard, verify_shards
 from .errors import ConfigError
 from .families.gan import DCGAN, BatchStream
+from .hashing import stable_hash
 from .metrics.evaluate import BatchFeatures, InceptionScoreStream, fid_metric
 from .metrics.features import tensor_batches, train_feature_net
 from .runner import MODEL_META_KEYS, Runner
-from .runs import stable_hash
 from .training import make_trainer
 from .unlearning.cascaded import GANContext, auc, forgotten_share, retain_stream
 

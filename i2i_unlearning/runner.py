@@ -29,12 +29,13 @@ from .data.datamodule import ForgetRetainDataModule
 from .data.prepare import config_kwargs, prepare
 from .errors import ConfigError
 from .families.base import Family, StageContext
+from .hashing import stable_hash
+from .metrics.evaluate import SplitScorer
 from .metrics.features import load_or_train_feature_net, tensor_batches
 from .metrics.models import check_metrics_config, feature_models
 from .metrics.restoration import evaluate_on
 from .report.figures import save_grid
 from .results import RunResult
-from .runs import stable_hash
 from .training import fit_resumable, make_trainer
 from .unlearning.module import UnlearnModule, compile_hooks, to_channels_last
 from .weights import load_weights
@@ -328,7 +329,8 @@ class I2IRunner(Runner):
         return StageContext(
             train_batches=train_batches,
             eval_batches=lambda split: eval_dm.eval_batches(split, cfg.task, batch_size=cfg.metrics.eval_batch_size),
-            workdir=workdir, feature_net=self.nets[0], seed=rec.seed,
+            workdir=workdir, seed=rec.seed,
+            scorer=(lambda: SplitScorer(self.nets[0])) if self.nets[0] is not None else None,
         )
 
     def unlearn(self) -> tuple[Family, float, dict]:

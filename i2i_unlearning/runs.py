@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-
-def stable_hash(obj: Any, length: int = 12) -> str:
-    """Hex digest of a canonical JSON encoding of ``obj``."""
-    blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+from .hashing import stable_hash
 
 
 def semantic_config(cfg: DictConfig) -> dict:

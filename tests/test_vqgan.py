@@ -44,7 +44,7 @@ def context(tmp_path, seed=0) -> StageContext:
     def eval_batches(split):
         yield {"image": blocks(32, seed), "mask": None, "label": torch.zeros(32, dtype=torch.long)}
 
-    return StageContext(train_batches, eval_batches, tmp_path, feature_net=None, seed=seed)
+    return StageContext(train_batches, eval_batches, tmp_path, scorer=None, seed=seed)
 
 
 @pytest.fixture(scope="module")

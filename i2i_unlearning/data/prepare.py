@@ -20,7 +20,7 @@ from tqdm import tqdm
 from i2i_unlearning.data.shards import ShardWriter, write_shards
 from i2i_unlearning.data.sources import ImageSource
 from i2i_unlearning.errors import ConfigError, DataError
-from i2i_unlearning.runs import stable_hash
+from i2i_unlearning.hashing import stable_hash
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,9 @@ class StageContext:
     train_batches: Callable[[int], Iterator[dict]]  # n -> n training batches of the model's splits
     eval_batches: Callable[[str], Iterator[dict]]  # split name (e.g. "retain_eval") -> fixed eval batches
     workdir: Path  # where the stages may cache their own artifacts
-    feature_net: Any  # the default feature network, for quality records (FID, class accuracy)
+    # a new scorer of restored images (update(outputs, truths, labels); compute() -> {"fid", ...}) for
+    # quality records of a stage, or None when the run has no feature network yet
+    scorer: Callable[[], Any] | None
     seed: int
 
 

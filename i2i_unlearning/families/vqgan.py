@@ -40,7 +40,6 @@ from torch import Tensor, nn
 
 from ..atomic import torch_save, write_json
 from ..errors import ConfigError
-from ..metrics.evaluate import SplitScorer
 from .base import Family, StageContext
 
 ENCODER_PREFIXES = ("token_emb.", "pos_embed", "cls_token", "blocks.", "norm.")
@@ -268,8 +267,8 @@ class VQGAN(Family):
 
     @torch.no_grad()
     def _tokenizer_quality(self, vq: VQModel, ctx: StageContext, device: torch.device) -> dict:
-        """PSNR, FID (if ``ctx`` has a feature net) and codebook use of reconstructions on retain_eval."""
-        scorer = SplitScorer(ctx.feature_net) if ctx.feature_net is not None else None
+        """PSNR, FID (if ``ctx`` has a scorer) and codebook use of reconstructions on retain_eval."""
+        scorer = ctx.scorer() if ctx.scorer is not None else None
         total, n, used = 0.0, 0, torch.zeros(self.codebook_size, dtype=torch.bool)
         for b in ctx.eval_batches("retain_eval"):
             ids = self._ids(vq, b["image"].to(device))

@@ -114,7 +114,25 @@ def test_summary_csv_column_contract(sweep):
     assert by_dir["c2/max_loss"]["status"] == "failed" and "NaN" in by_dir["c2/max_loss"]["error"]
     assert by_dir["d3/broken"]["status"] == "failed" and "metrics.json" in by_dir["d3/broken"]["error"]
     assert float(by_dir["b1/ours"]["forget_fid"]) == 40.0
+    assert by_dir["b1/ours"]["seed"] == "0" and by_dir["d3/broken"]["seed"] == ""  # ints stay ints, None is empty
+    assert by_dir["a0/original"]["retain_mse"] == "0.01" and by_dir["b1/ours"]["retain_mse"] == ""
     assert not [p for p in sweep.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_nan_score_is_kept_apart_from_a_missing_one(sweep):
+    (sweep / "e4").mkdir()
+    (sweep / "e4/metrics.json").write_text(json.dumps(run_json("retrain", **(OURS | {"forget_fid": float("nan")}))))
+    csv_path, md_path = write_summary(sweep)
+    with csv_path.open() as handle:
+        rows = {r["run_dir"]: r for r in csv.DictReader(handle)}
+    assert rows["e4"]["forget_fid"] == "nan" and rows["c2/max_loss"]["forget_fid"] == ""
+    runs = md_path.read_text().split("## Audits")[0].splitlines()  # the runs table, not the audit ranking
+    header = [cell.strip("| ") for cell in runs[2].split(" | ")]
+    table = [[cell.strip("| ") for cell in line.split(" | ")] for line in runs if line.startswith("| mae")]
+    table = {cells[1]: dict(zip(header, cells, strict=True)) for cells in table}
+    assert list(table) == ["original", "retrain", "ours", "max_loss"]  # METHOD_ORDER, not by name
+    assert (table["retrain"]["forget_fid"], table["max_loss"]["forget_fid"]) == ("nan", "-")
+    assert (table["retrain"]["unlearn_s"], table["retrain"]["retain_fid"]) == ("12.5", "12.000")
 
 
 def test_comparison_to_original(sweep):

@@ -13,7 +13,7 @@ from PIL import Image
 from i2i_unlearning.cli import report_main
 from i2i_unlearning.errors import DataError
 from i2i_unlearning.report.figures import write_grids
-from i2i_unlearning.report.tables import aggregate, format_cell, load_rows, write_paper_table
+from i2i_unlearning.report.tables import MD_HEADERS, aggregate, format_cell, load_runs, write_paper_table
 from i2i_unlearning.report.tsne import embed_2d, load_embeddings, subsample, write_tsne
 
 # (method, seed) -> forget_fid, retain_fid; retain_cos and forget_cos derived below.
@@ -88,31 +88,45 @@ def sweep(tmp_path):
 
 
 def test_mean_std_over_seeds_exact(sweep):
-    table = aggregate(load_rows(sweep))
-    assert list(table) == [("mae", "fashion_mnist", "center_half")]
-    entries = {e["method"]: e for e in table[("mae", "fashion_mnist", "center_half")]}
-    ours = entries["ours"]
-    assert ours["seeds"] == [0, 1, 2] and ours["failed"] == 1
-    assert ours["metrics"]["forget_fid"] == {"mean": 34.0, "std": 4.0, "n": 3}  # sample std of 30, 34, 38
-    assert ours["metrics"]["retain_fid"]["mean"] == pytest.approx(11.0)
-    assert ours["metrics"]["retain_fid"]["std"] == pytest.approx(1.0)
-    assert ours["metrics"]["forget_is"]["std"] == pytest.approx(statistics.stdev([1.5, 2.5, 3.5]))
-    assert ours["metrics"]["forget_mia_auc"]["mean"] == pytest.approx(0.6)  # extra numeric metric, unnested
-    assert "seed" not in ours["metrics"]
-    original = entries["original"]
-    assert original["metrics"]["forget_fid"] == {"mean": 8.0, "std": None, "n": 1}
-    assert original["metrics"]["forget_mia_auc"]["n"] == 0  # the group's metric union, absent here
-    max_loss = entries["max_loss"]
-    assert max_loss["seeds"] == [] and max_loss["failed"] == 1
-    assert max_loss["metrics"]["forget_fid"] == {"mean": None, "std": None, "n": 0}
-    assert format_cell(max_loss["metrics"]["forget_fid"], 0) == "-"
+    methods, stats = aggregate(load_runs(sweep))
+    assert set(methods[["family", "dataset", "task"]].itertuples(index=False, name=None)) == {
+        ("mae", "fashion_mnist", "center_half")
+    }
+    assert list(methods["method"]) == ["original", "retrain", "ours", "max_loss", "my_method"]
+    counts = methods.set_index("method")[["runs", "failed"]]
+    assert counts.loc["ours"].tolist() == [3, 1] and counts.loc["max_loss"].tolist() == [0, 1]
+    cell = stats.set_index(["method", "metric"])[["mean", "std", "n"]]
+    assert cell.loc["ours", "forget_fid"].to_dict() == {"mean": 34.0, "std": 4.0, "n": 3}  # sample std of 30, 34, 38
+    assert cell.loc["ours", "retain_fid"]["mean"] == pytest.approx(11.0)
+    assert cell.loc["ours", "retain_fid"]["std"] == pytest.approx(1.0)
+    assert cell.loc["ours", "forget_is"]["std"] == pytest.approx(statistics.stdev([1.5, 2.5, 3.5]))
+    assert cell.loc["ours", "forget_mia_auc"]["mean"] == pytest.approx(0.6)  # extra numeric metric, unnested
+    assert "seed" not in set(stats["metric"])
+    assert cell.loc["original", "forget_fid"].to_dict() == {"mean": 8.0, "std": None, "n": 1}
+    assert cell.loc["original", "forget_mia_auc"]["n"] == 0  # the group's metric union, absent here
+    assert cell.loc["max_loss", "forget_fid"].to_dict() == {"mean": None, "std": None, "n": 0}
+    ours = stats[stats["method"] == "ours"]["metric"].tolist()
+    assert ours[:8] == list(MD_HEADERS) and ours[8:] == sorted(ours[8:])  # the paper's columns, then by name
+    assert format_cell(cell.loc["max_loss", "forget_fid"], 0) == "-"
     assert format_cell({"mean": 0.25, "std": 0.5, "n": 2}, 3) == "0.250 ± 0.500 (n=2)"  # a run lacked it
 
 
 def test_failed_run_task_comes_from_its_config_or_the_only_task(sweep):
-    rows = {r["run_dir"]: r for r in load_rows(sweep)}
-    assert rows["ours-s3"]["task"] == "center_half"  # config.yaml
-    assert rows["max_loss-s0"]["task"] == "center_half"  # no config: the only task of mae / fashion_mnist
+    task = load_runs(sweep).set_index("run_dir")["task"]
+    assert task["ours-s3"] == "center_half"  # config.yaml
+    assert task["max_loss-s0"] == "center_half"  # no config: the only task of mae / fashion_mnist
+
+
+def test_a_nan_score_makes_its_mean_nan(sweep, tmp_path):
+    write_run(sweep, "ours-s4", metrics_json("ours", 4, float("nan"), 13.0))
+    md_path, csv_path = write_paper_table(sweep, tmp_path)
+    with csv_path.open() as handle:
+        cell = {(r["method"], r["metric"]): r for r in csv.DictReader(handle)}
+    assert (cell["ours", "forget_fid"]["mean"], cell["ours", "forget_fid"]["n"]) == ("nan", "4")
+    assert float(cell["ours", "retain_fid"]["mean"]) == pytest.approx(11.5)
+    assert cell["original", "forget_fid"]["std"] == ""  # one seed: no std, not a NaN one
+    assert "| ours | 4 | 1 | 11.500 ± 1.291 |" in md_path.read_text()
+    assert "nan ± nan" in md_path.read_text()
 
 
 def test_paper_markdown_order_cells_and_csv(sweep):

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 from i2i_unlearning.atomic import write_atomic
 from i2i_unlearning.errors import DataError
@@ -108,6 +109,7 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _read_run(path: Path, root: Path) -> dict[str, Any]:
+    """The flat row of one metrics.json; a corrupt or incomplete file is a failed row naming it."""
     run_dir = path.parent.relative_to(root).as_posix() or "."
     try:
         data = json.loads(path.read_text())
@@ -127,35 +129,73 @@ def _read_run(path: Path, root: Path) -> dict[str, Any]:
     return row
 
 
-def _sort_key(row: dict[str, Any]) -> tuple:
-    method = row.get("method")
-    rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
-    seed = row.get("seed")
-    return (
-        str(row.get("family") or "\uffff"),
-        rank,
-        str(method or "\uffff"),
-        str(row.get("dataset") or "\uffff"),
-        seed if isinstance(seed, int) else math.inf,
-        row["run_dir"],
-    )
-
-
-def collect(root: Path) -> list[dict[str, Any]]:
-    """One flat row per metrics.json below `root`, sorted by family, method (reference order), dataset, seed.
-
-    A corrupt or incomplete metrics.json becomes a row with status=failed and an error naming the file.
-    """
-    root = Path(root)
-    rows = [_read_run(path, root) for path in sorted(root.rglob("metrics.json"))]
-    return sorted(rows, key=_sort_key)
-
-
 def columns(rows: Iterable[dict[str, Any]]) -> list[str]:
     """The CSV header: the core columns, every other key sorted, then error and run_dir."""
     fixed = set(CORE_COLUMNS) | set(LAST_COLUMNS)
     extra = sorted({key for row in rows for key in row} - fixed)
     return [*CORE_COLUMNS, *extra, *LAST_COLUMNS]
+
+
+def frame_of(rows: list[dict[str, Any]], header: Iterable[str] | None = None) -> pd.DataFrame:
+    """`rows` as a DataFrame with the `header` columns (default: the CSV's); object dtype keeps every value as
+    read: ints stay ints, a missing cell is None and a NaN score stays NaN, so the CSV can tell them apart."""
+    header = columns(rows) if header is None else list(header)
+    return pd.DataFrame([[row.get(key) for key in header] for row in rows], columns=header, dtype=object)
+
+
+def is_number(value: Any) -> bool:
+    """An int or float score (NaN included), not a bool: what means and stds are taken over."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_blank(values: pd.Series) -> pd.Series:
+    """Where an identity cell (family, method, dataset, task) is missing or empty."""
+    return values.isna() | values.eq("")
+
+
+def method_rank(method: Any) -> tuple[int, str]:
+    """Sort key: the methods of METHOD_ORDER in that order, then any other method by name."""
+    rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+    return rank, str(method)
+
+
+def ranked(values: pd.Series, rank: Callable[[str], Any]) -> pd.Series:
+    """`values` as text in an ordered categorical whose order is `rank`, blanks as NaN (sorted last)."""
+    text = values.where(~is_blank(values)).map(str, na_action="ignore")
+    order = sorted(text.dropna().unique(), key=rank)
+    return pd.Series(pd.Categorical(text, categories=order, ordered=True), index=values.index)
+
+
+def sort_key(column: pd.Series) -> pd.Series:
+    """`sort_values` key: methods in METHOD_ORDER then by name, int seeds numerically (other seeds after),
+    dist_to_retrain as a number, anything else as text; blank cells last."""
+    if column.name == "method":
+        return ranked(column, method_rank)
+    if column.name == "seed":
+        return column.map(lambda seed: seed if isinstance(seed, int) else math.inf)
+    if column.name == "dist_to_retrain":
+        return column.astype(float)
+    return column.where(~is_blank(column)).map(str, na_action="ignore")
+
+
+def collect_frame(root: Path) -> pd.DataFrame:
+    """One row per metrics.json below `root` (summary.csv's columns), sorted by family, method (reference order),
+    dataset, seed. A corrupt or incomplete metrics.json is a row with status=failed and an error naming the file."""
+    root = Path(root)
+    frame = frame_of([_read_run(path, root) for path in sorted(root.rglob("metrics.json"))])
+    return frame.sort_values(["family", "method", "dataset", "seed", "run_dir"], key=sort_key, ignore_index=True)
+
+
+def collect(root: Path) -> list[dict[str, Any]]:
+    """collect_frame(root) as one dict per run (every column; None where the run lacks it)."""
+    return collect_frame(root).to_dict("records")
+
+
+def numbers(frame: pd.DataFrame, ids: list[str], metrics: Iterable[str]) -> pd.DataFrame:
+    """Long form (ids, metric, value) of the numeric cells of `metrics`, what groupby averages: None, text and
+    bools are left out, NaN is kept (a NaN score makes its mean NaN rather than vanish)."""
+    long = frame.melt(id_vars=ids, value_vars=list(metrics), var_name="metric", value_name="value")
+    return long[long["value"].map(is_number).astype(bool)].astype({"value": float})
 
 
 def _reference(row: dict[str, Any], originals: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -239,7 +279,8 @@ def distance_to_retrain(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _cell(value: Any, decimals: int = 3) -> str:
+def format_value(value: Any, decimals: int = 3) -> str:
+    """A markdown cell: floats to `decimals` places, None as '-', anything else as text with pipes escaped."""
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -247,62 +288,62 @@ def _cell(value: Any, decimals: int = 3) -> str:
     return str(value).replace("|", "\\|")
 
 
-def _markdown(header: list[str], rows: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [_cell(row.get(key), 1 if key == "unlearn_s" else 3) for key in header]
-        lines.append("| " + " | ".join(cells) + " |")
+def markdown_table(table: pd.DataFrame) -> str:
+    """`table` as a markdown pipe table, one line per row; unlearn_s to 1 decimal, other floats to 3."""
+    decimals = {name: 1 if name == "unlearn_s" else 3 for name in table}
+    cells = pd.DataFrame({name: table[name].map(partial(format_value, decimals=decimals[name])) for name in table})
+    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * table.shape[1]]
+    lines += ["| " + " | ".join(row) + " |" for row in cells.itertuples(index=False, name=None)]
     return "\n".join(lines)
+
+
+def csv_text(frame: pd.DataFrame) -> str:
+    """`frame` as CSV text: a missing (None) cell is empty, a NaN score reads nan, any other value as read."""
+    present = frame.where(frame.map(lambda value: value is not None), "")
+    return present.to_csv(index=False, lineterminator="\n", na_rep="nan")
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A markdown table of the runs: identity, retain / forget metrics, and the comparison to the original."""
     header = ["family", "method", "dataset", "seed", "status", *MD_METRICS, *COMPARISONS, "unlearn_s"]
-    return _markdown(header, compare_to_original(rows))
+    return markdown_table(frame_of(compare_to_original(rows), header))
 
 
 def format_audit_table(rows: list[dict[str, Any]]) -> str | None:
     """A markdown table of the audits and the distance to retrain, ranked (closest to retrain first)
     within each family, dataset and seed; None when no ok row carries an audit column."""
-    ranked = [r for r in distance_to_retrain(rows) if r.get("status") == "ok"]
-    if not any(r.get(key) is not None for r in ranked for key in AUDIT_MD):
+    frame = frame_of(distance_to_retrain(rows), ["family", "method", "dataset", "seed", "status", *AUDIT_MD])
+    ok = frame[frame["status"].eq("ok")].drop(columns="status")
+    if not ok[list(AUDIT_MD)].map(lambda value: value is not None).to_numpy().any():
         return None
-    def key(row: dict[str, Any]) -> tuple:
-        family, _, _, dataset, seed, _ = _sort_key(row)
-        dist = row.get("dist_to_retrain")
-        return family, dataset, seed, math.inf if dist is None else dist
-
-    ranked.sort(key=key)
-    return _markdown(["family", "method", "dataset", "seed", *AUDIT_MD], ranked)
+    return markdown_table(ok.sort_values(["family", "dataset", "seed", "dist_to_retrain"], key=sort_key))
 
 
-def _floors(rows: list[dict[str, Any]]) -> list[str]:
-    groups: dict[tuple[str, str], dict[str, list[float]]] = {}
-    for row in rows:
-        for key in FLOOR_KEYS:
-            if isinstance(row.get(key), (int, float)):
-                group = groups.setdefault((str(row.get("dataset")), str(row.get("task") or "")), {})
-                group.setdefault(key, []).append(float(row[key]))
-    lines = []
-    for (dataset, task), values in sorted(groups.items()):
-        mean = {key: _cell(sum(v) / len(v)) for key, v in values.items()}
-        where = f"{dataset}, {task}" if task else dataset
-        lines.append(
-            f"- Floors ({where}; class_acc of the degraded input with the hole filled grey / noise): "
-            f"forget {mean.get('forget_class_acc_grey', '-')} / {mean.get('forget_class_acc_noise', '-')}, "
-            f"retain {mean.get('retain_class_acc_grey', '-')} / {mean.get('retain_class_acc_noise', '-')}"
-        )
-    return lines
+def _floors(frame: pd.DataFrame) -> list[str]:
+    task = frame.get("task", pd.Series(index=frame.index, dtype=object))
+    where = frame.assign(dataset=frame["dataset"].map(str), task=task.map(str).where(~is_blank(task), ""))
+    values = numbers(where, ["dataset", "task"], [key for key in FLOOR_KEYS if key in frame])
+    if values.empty:
+        return []
+    means = values.groupby(["dataset", "task", "metric"])["value"].mean(skipna=False).map(format_value)
+    means = means.unstack(fill_value="-").reindex(columns=list(FLOOR_KEYS), fill_value="-")
+    return [
+        f"- Floors ({f'{dataset}, {task}' if task else dataset}; class_acc of the degraded input with the hole filled "
+        f"grey / noise): forget {mean['forget_class_acc_grey']} / {mean['forget_class_acc_noise']}, "
+        f"retain {mean['retain_class_acc_grey']} / {mean['retain_class_acc_noise']}"
+        for (dataset, task), mean in means.iterrows()
+    ]
 
 
 def format_markdown(rows: list[dict[str, Any]]) -> str:
     """summary.md: the table, a legend on how to read it, the class-accuracy floors and the failed runs."""
+    frame = frame_of(rows)
     legend = [
         "- retain: lower FID and higher IS, cos, class_acc are better (ideally close to the original);",
         "  forget: the opposite (higher FID, lower IS, cos, class_acc).",
         "- retrain (trained on the retain set only) is the gold standard: a good method lands near it.",
         "- `*_fid_x`: FID / the original's FID (same family, dataset, seed); `*_d`: value minus the original's.",
-        *_floors(rows),
+        *_floors(frame),
     ]
     audits = format_audit_table(rows)
     audit_legend = [
@@ -314,9 +355,8 @@ def format_markdown(rows: list[dict[str, Any]]) -> str:
         "  |value - retrain's| / |original's - retrain's| (the larger split's); 1 = as far as the original.",
     ]
     failed = [
-        f"- {row['run_dir']}: {' '.join(str(row.get('error') or 'no error recorded').split())[:300]}"
-        for row in rows
-        if row.get("status") != "ok"
+        f"- {run_dir}: {' '.join(str(error or 'no error recorded').split())[:300]}"
+        for run_dir, error in frame.loc[frame["status"].ne("ok"), ["run_dir", "error"]].itertuples(index=False)
     ]
     parts = ["# Summary", "", format_table(rows), "", *legend]
     if audits:
@@ -324,15 +364,6 @@ def format_markdown(rows: list[dict[str, Any]]) -> str:
     if failed:
         parts += ["", "## Failed runs", "", *failed]
     return "\n".join(parts) + "\n"
-
-
-def _csv_text(rows: list[dict[str, Any]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns(rows), lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({key: "" if value is None else value for key, value in row.items()})
-    return buffer.getvalue()
 
 
 def write_summary(root: Path, out_dir: Path | None = None) -> tuple[Path, Path]:
@@ -346,8 +377,8 @@ def write_summary(root: Path, out_dir: Path | None = None) -> tuple[Path, Path]:
     out_dir = Path(out_dir) if out_dir is not None else root
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out_dir / "summary.csv", out_dir / "summary.md"
-    csv_text, md_text = _csv_text(rows), format_markdown(rows)
-    write_atomic(csv_path, lambda tmp: tmp.write_text(csv_text, encoding="utf-8", newline=""))
+    csv_out, md_text = csv_text(frame_of(rows)), format_markdown(rows)
+    write_atomic(csv_path, lambda tmp: tmp.write_text(csv_out, encoding="utf-8", newline=""))
     write_atomic(md_path, lambda tmp: tmp.write_text(md_text, encoding="utf-8"))
     return csv_path, md_path
 
@@ -360,11 +391,10 @@ def log_summary_to_wandb(csv_path: Path, project: str = "i2i-unlearning", mode: 
     import wandb
 
     csv_path = Path(csv_path)
-    with csv_path.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
+    table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     run = wandb.init(project=project, dir=str(csv_path.parent), job_type="report",
                      name=f"summary-{csv_path.parent.name}", mode=mode or os.environ.get("WANDB_MODE", "offline"))
-    run.log({"summary": wandb.Table(columns=rows[0], data=rows[1:])})
+    run.log({"summary": wandb.Table(columns=list(table.columns), data=table.to_numpy(dtype=object).tolist())})
     run_dir = Path(run.dir).parent
     run.finish()
     return run_dir

@@ -64,7 +64,9 @@ def apply_size(cfg: DictConfig) -> DictConfig:
 def build_family(model_cfg: DictConfig) -> Any:
     """The model of ``model_cfg`` (its ``_target_``), without the keys only the runner reads."""
     node = {k: v for k, v in OmegaConf.to_container(model_cfg, resolve=True).items() if k not in MODEL_META_KEYS}
-    return instantiate(node, _convert_="all")  # plain containers: checkpoints load weights_only
+    # plain containers, nested nodes left as data (the recipe's optimiser is built in configure_optimizers):
+    # hyper-parameters in checkpoints then load with weights_only
+    return instantiate(node, _convert_="all", _recursive_=False)
 
 
 def build_runner(cfg: DictConfig, run_dir: Path, chash: str, logger=None) -> Runner:

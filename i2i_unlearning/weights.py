@@ -20,7 +20,6 @@ from torch import Tensor, nn
 
 from i2i_unlearning.errors import ConfigError
 
-TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict", "net")
 DIFFUSERS_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "model.safetensors")
 

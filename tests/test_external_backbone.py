@@ -21,8 +21,6 @@ from i2i_unlearning.families.base import Family
 
 
 class ConvInpainter(Family):
-    family_name = "conv_inpainter"
-
     def __init__(self, image_size=32, channels=1, width=8, train=None, name="conv_inpainter", pretrained=None):
         super().__init__(image_size, channels, train)
         self.encoder = nn.Sequential(nn.Conv2d(channels + 1, width, 3, 2, 1), nn.ReLU(),

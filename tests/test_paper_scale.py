@@ -147,15 +147,6 @@ def test_bad_folder_settings_fail_clearly(tmp_path, tree):
         prepare_tree(tree, tmp_path, num_forget_classes=5)
 
 
-def test_image_folder_configs_compose():
-    from conftest import compose_cfg
-
-    for name, layout, n in (("imagenet", "flat", 100), ("places365", "nested", 50)):
-        cfg = compose_cfg([f"data={name}"])
-        assert cfg.data.source.layout == layout and cfg.data.num_forget_classes == n
-        assert cfg.data.source.name == name
-
-
 # ---- pretrained weights from local files ------------------------------------------------------------------
 def tiny_cfg(tmp: Path, family: str, *extra: str):
     from conftest import compose_cfg, tiny_overrides

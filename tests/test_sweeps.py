@@ -1,14 +1,13 @@
 """Hydra multirun sweeps through the real command line: basic and joblib launchers, failed cells, relaunch,
 and the SLURM launcher's rendered job (no cluster needed)."""
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import CONF, ROOT, compose_cfg, tiny_overrides
+from conftest import CONF, ROOT, tiny_overrides
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
@@ -83,14 +82,6 @@ def test_slurm_launcher_renders_a_valid_job(tmp_path, monkeypatch):
                  "#SBATCH --gpus-per-node=4", "#SBATCH --ntasks-per-node=4", "#SBATCH --time=90"):
         assert line in text, (line, text)
     assert "srun" in text
-
-
-def test_ddp_configs_compose(tmp_path):
-    local = compose_cfg([*tiny_overrides(tmp_path), "trainer=ddp"])
-    assert local.trainer.strategy == "ddp_spawn" and local.trainer.devices == 2  # safe inside -m sweeps
-    slurm = compose_cfg([*tiny_overrides(tmp_path), "trainer=ddp_slurm"])
-    assert slurm.trainer.strategy == "ddp"
-    assert json.dumps(dict(slurm.trainer))  # plain values only
 
 
 @pytest.mark.parametrize("table", ["table1", "table2", "table3_alpha", "outpaint_sweep"])

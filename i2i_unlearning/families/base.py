@@ -29,6 +29,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.utils import instantiate
 from torch import Tensor, nn
 
 Embedding = Tensor | list[Tensor]
@@ -50,7 +51,6 @@ class StageContext:
 class Family(L.LightningModule):
     """Base class of generator families; subclasses implement the hooks below."""
 
-    family_name: str = "family"
     mask_patch: int = 1  # masks are drawn on a grid of this many pixels (MAE: its patch size)
 
     def __init__(self, image_size: int, channels: int, train: dict | None = None):
@@ -122,18 +122,35 @@ class Family(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
+        """The recipe's ``optimizer`` and ``scheduler`` (``_partial_`` config nodes, model.train), the
+        schedule stepped per optimiser step over the run's ``steps``."""
         cfg = self.train_cfg
-        opt = torch.optim.AdamW(
-            self.parameters(), lr=cfg.get("lr", 1e-3), weight_decay=cfg.get("weight_decay", 0.05),
-            betas=(0.9, 0.95),
-        )
-        total = max(1, int(cfg.get("steps", 1)))
-        warmup = min(int(cfg.get("warmup_steps", 0)), total - 1)
-
-        def schedule(step: int) -> float:  # linear warm-up, then half-cosine to zero
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        opt = instantiate(cfg.get("optimizer") or default_optimizer(cfg))(self.parameters())
+        sched = instantiate(cfg.get("scheduler") or default_scheduler(cfg))(opt, total_steps=cfg.get("steps", 1))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0
+                  ) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_steps``, then a half-cosine from the peak lr to zero at ``total_steps``."""
+    total = max(1, int(total_steps))
+    warmup = min(int(warmup_steps), total - 1)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def default_optimizer(train: dict) -> dict:
+    """The optimiser node of a family built in code without one (conf/model/ configs name theirs)."""
+    return {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": train.get("lr", 1e-3),
+            "weight_decay": train.get("weight_decay", 0.05), "betas": [0.9, 0.95]}
+
+
+def default_scheduler(train: dict) -> dict:
+    """The schedule node of a family built in code without one: `warmup_cosine`."""
+    return {"_target_": "i2i_unlearning.families.base.warmup_cosine", "_partial_": True,
+            "warmup_steps": train.get("warmup_steps", 0)}

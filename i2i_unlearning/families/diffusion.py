@@ -62,8 +62,6 @@ class DiffusionState:
 class Diffusion(Family):
     """Palette-style conditional DDPM: UNet over [noisy target, condition, mask] -> noise."""
 
-    family_name = "diffusion"
-
     def __init__(
         self,
         image_size: int = 32,

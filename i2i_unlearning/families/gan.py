@@ -86,7 +86,6 @@ class DCGAN(L.LightningModule):
     (latent codes and the images G must produce from them, weighted by ``anchor_weight``).
     """
 
-    family_name = "gan"
 
     def __init__(self, image_size: int = 32, channels: int = 1, latent_dim: int = 100, width: int = 32,
                  d_norm: str = "batch", train: dict | None = None, name: str = "gan",

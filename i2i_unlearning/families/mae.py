@@ -26,8 +26,6 @@ ENCODER_PREFIXES = ("patch_embed.", "cls_token", "blocks.", "norm.")
 class MAE(Family):
     """ViT masked autoencoder: encoder over visible patches, light decoder over all."""
 
-    family_name = "mae"
-
     def __init__(
         self,
         image_size: int = 32,

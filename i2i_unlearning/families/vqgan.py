@@ -76,8 +76,6 @@ def psnr(a: Tensor, b: Tensor) -> Tensor:
 class VQGAN(Family):
     """Frozen VQ tokenizer + MaskGIT-style token transformer (encoder over kept tokens)."""
 
-    family_name = "vqgan"
-
     def __init__(
         self,
         image_size: int = 32,

@@ -69,10 +69,6 @@ class BatchFeatures(nn.Module):
         self._last = (x, x._version, result)
         return result
 
-    def forget_last(self) -> None:
-        """Drop the kept batch (frees its memory)."""
-        self._last = None
-
 
 class FeatureExtractor(nn.Module):
     """A torchmetrics `feature=` module: the embedding (for FID) or the logits (for IS) of a feature model."""

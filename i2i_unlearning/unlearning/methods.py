@@ -21,6 +21,8 @@ state (not diffusion).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import torch
@@ -181,6 +183,7 @@ class UnlearningMethod:
         batch_size: int = 64,
         retain_split: str = "retain_train",
         noise: str = "normal",
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
     ):
         if retain_split not in ("retain_train", "proxy_train"):
             raise ConfigError(
@@ -196,6 +199,8 @@ class UnlearningMethod:
         self.batch_size = int(batch_size)
         self.retain_split = retain_split
         self.noise = noise
+        # params -> optimiser (a `_partial_` config node); None: AdamW at ``lr`` / ``weight_decay``
+        self.optimizer = optimizer or partial(torch.optim.AdamW, lr=self.lr, weight_decay=self.weight_decay)
 
     def trainable_parameters(self, student: Family) -> list[torch.nn.Parameter]:
         """Parameters the optimiser updates (the encoder only, or the whole model)."""

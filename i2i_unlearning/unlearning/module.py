@@ -81,4 +81,4 @@ class UnlearnModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.student.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.method.lr, weight_decay=self.method.weight_decay)
+        return self.method.optimizer(params)

@@ -30,7 +30,7 @@ from .hashing import stable_hash
 from .metrics.evaluate import BatchFeatures, InceptionScoreStream, fid_metric
 from .metrics.features import tensor_batches, train_feature_net
 from .runner import MODEL_META_KEYS, Runner
-from .training import make_trainer
+from .training import fitter
 from .unlearning.cascaded import GANContext, auc, forgotten_share, retain_stream
 
 log = logging.getLogger("i2iu")
@@ -50,14 +50,16 @@ def load_split(data_dir: Path, manifest: dict, split: str) -> tuple[torch.Tensor
     return torch.cat(xs), torch.cat(ys), keys
 
 
-def fitter(cfg: DictConfig):
+def gan_fitter(cfg: DictConfig):
     """A function (model, BatchStream) -> None: one pass over the stream with the Trainer of ``cfg``."""
-    def fit(model: DCGAN, stream: BatchStream) -> None:
-        warnings.filterwarnings("ignore", message=".*IterableDataset. has .__len__. defined.*")
-        # manual optimisation (two optimisers): Lightning cannot clip, and its step count is per optimiser
-        make_trainer(cfg, max_epochs=1, gradient_clip_val=None).fit(model, DataLoader(stream, batch_size=None))
+    # manual optimisation (two optimisers): Lightning cannot clip, and its step count is per optimiser
+    fit = fitter(cfg, gradient_clip_val=None)
 
-    return fit
+    def fit_stream(model: DCGAN, stream: BatchStream) -> None:
+        warnings.filterwarnings("ignore", message=".*IterableDataset. has .__len__. defined.*")
+        fit(model, DataLoader(stream, batch_size=None))
+
+    return fit_stream
 
 
 def classifier(net):
@@ -82,12 +84,13 @@ def sample_scores(net, samples: torch.Tensor, reference: torch.Tensor, is_splits
     return {"fid": max(float(fid.compute()), 0.0), "is": inception.compute()}
 
 
-def downstream_acc(samples: torch.Tensor, labels: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                   num_classes: int, epochs: int, seed: int) -> float:
+def downstream_acc(cfg: DictConfig, samples: torch.Tensor, labels: torch.Tensor, test_x: torch.Tensor,
+                   test_y: torch.Tensor, num_classes: int) -> float:
     """Accuracy on real images of a small classifier trained only on generated samples (feature-net labels)."""
-    train_batches, test_batches = tensor_batches(samples, labels, test_x, test_y, seed=seed)
+    train_batches, test_batches = tensor_batches(samples, labels, test_x, test_y, seed=cfg.seed)
     _, acc = train_feature_net(train_batches, test_batches, channels=samples.shape[1], num_classes=num_classes,
-                               image_size=samples.shape[-1], epochs=epochs, seed=seed)
+                               image_size=samples.shape[-1], epochs=cfg.model.eval.downstream_epochs, seed=cfg.seed,
+                               fit=fitter(cfg, gradient_clip_val=None, precision="32-true"))
     return acc
 
 
@@ -142,7 +145,7 @@ class GANRunner(Runner):
         steps = max(1, math.ceil(rec.epochs * len(images) / rec.batch_size))
         log.info("training the %s %s GAN: %g epochs of %d images = %d steps of %d (cached as %s.pt)",
                  kind, self.cfg.model.name, rec.epochs, len(images), steps, rec.batch_size, workdir.name)
-        fitter(self.cfg)(model, retain_stream(images, keys, rec.batch_size, steps, rec.seed))
+        gan_fitter(self.cfg)(model, retain_stream(images, keys, rec.batch_size, steps, rec.seed))
         return {"steps": steps, "images": len(images), "epochs": rec.epochs, "batch_size": rec.batch_size,
                 "lr": rec.lr}
 
@@ -158,12 +161,12 @@ class GANRunner(Runner):
         elif callable(getattr(method, "run", None)):  # a GAN method
             ctx = GANContext(forget=forget[0], forget_keys=forget[2], retain=retain[0], retain_keys=retain[2],
                              forget_classes=self.forget_classes, classify=classifier(self.nets[0]),
-                             fit=fitter(cfg), seed=cfg.seed)
+                             fit=gan_fitter(cfg), seed=cfg.seed)
             model, info = method.run(original, ctx)
         else:  # finetune: the GAN's own training steps on retain images
             model = copy.deepcopy(original).train()
             model.train_cfg["lr"] = method.lr
-            fitter(cfg)(model, retain_stream(retain[0], retain[2], method.batch_size, method.steps, cfg.seed))
+            gan_fitter(cfg)(model, retain_stream(retain[0], retain[2], method.batch_size, method.steps, cfg.seed))
             model = model.eval()
         unlearn_s = time.perf_counter() - t0 if method.trains else \
             retrain_meta["train_s"] if method.start_from == "retrain" else 0.0
@@ -192,8 +195,8 @@ class GANRunner(Runner):
             metrics["mia_auc"] = auc(model.score(forget), model.score(retain_eval))
             metrics["retrain_mia_auc"] = auc(retrain.score(forget), retrain.score(retain_eval))
         test_x, test_y = data["retain_eval"][0][:limit], data["retain_eval"][1][:limit]
-        metrics["downstream_acc"] = downstream_acc(samples, classify(samples), test_x, test_y,
-                                                   len(self.manifest["class_names"]), ev.downstream_epochs, cfg.seed)
+        metrics["downstream_acc"] = downstream_acc(cfg, samples, classify(samples), test_x, test_y,
+                                                   len(self.manifest["class_names"]))
         return metrics, {}, {"forget_kind": self.manifest.get("forget_kind", "class"),
                              "models": {"original": self.refs["original"][1], "retrain": retrain_meta}}
 

@@ -36,7 +36,7 @@ from .metrics.models import check_metrics_config, feature_models
 from .metrics.restoration import evaluate_on
 from .report.figures import save_grid
 from .results import RunResult
-from .training import fit_resumable, make_trainer
+from .training import fit_resumable, fitter, make_trainer
 from .unlearning.module import UnlearnModule, compile_hooks, to_channels_last
 from .weights import load_weights
 
@@ -118,10 +118,12 @@ def feature_net(cfg: DictConfig, data_dir: Path, dm: ForgetRetainDataModule):
     x_test, y_test = split_tensors(dm, ["forget_eval", "retain_eval", "proxy_eval"])
     train_batches, test_batches = tensor_batches(x_train, y_train, x_test, y_test, seed=0)
     fcfg = cfg.metrics.feature_net
+    key = stable_hash({"epochs": fcfg.epochs, "lr": fcfg.lr}, 8)
+    # fp32, no clipping: the measuring instrument keeps its own recipe whatever the trainer config says
+    fit = fitter(cfg, ckpt_dir=data_dir / f"feature_net-{key}-resume", gradient_clip_val=None, precision="32-true")
     return load_or_train_feature_net(
-        data_dir, key=stable_hash({"epochs": fcfg.epochs, "lr": fcfg.lr}, 8),
-        train_batches=train_batches, test_batches=test_batches, channels=dm.channels,
-        num_classes=dm.num_classes, image_size=dm.image_size, epochs=fcfg.epochs, lr=fcfg.lr, seed=0,
+        data_dir, key=key, train_batches=train_batches, test_batches=test_batches, channels=dm.channels,
+        num_classes=dm.num_classes, image_size=dm.image_size, epochs=fcfg.epochs, lr=fcfg.lr, seed=0, fit=fit,
     )
 
 

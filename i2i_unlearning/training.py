@@ -92,3 +92,16 @@ def fit_resumable(trainer: L.Trainer, module: L.LightningModule, data, ckpt_dir:
     trainer.fit(module, data, ckpt_path=str(ckpt) if resume else None, weights_only=True)
     if trainer.is_global_zero:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+
+def fitter(cfg: DictConfig, ckpt_dir: Path | None = None, **overrides):
+    """``fit(module, data)``: one pass over a stage's own stream (``max_epochs=1``) with the Trainer of
+    ``cfg`` (``overrides`` replace its settings), resumable from ``ckpt_dir`` when one is given."""
+    def fit(module: L.LightningModule, data) -> None:
+        trainer = make_trainer(cfg, max_epochs=1, ckpt_dir=ckpt_dir, **overrides)
+        if ckpt_dir is None:
+            trainer.fit(module, data)
+        else:
+            fit_resumable(trainer, module, data, ckpt_dir)
+
+    return fit

@@ -69,3 +69,10 @@ def prepared_runner(cfg, run_dir: Path):
     runner.check()
     runner.data_dir = runner.prepare()
     return runner
+
+
+def plain_fit():
+    """``fit(module, data)`` with the default Trainer config, not resumable (stages trained in tests)."""
+    from i2i_unlearning.training import fitter
+
+    return fitter(compose_cfg(["logger=none"]), gradient_clip_val=None)

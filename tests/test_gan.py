@@ -38,7 +38,7 @@ def _cascaded(**kw) -> Cascaded:
 
 
 def _fit(shared_tmp):
-    return gan_runner.fitter(compose_cfg(tiny_overrides(shared_tmp, "gan", "cascaded")))
+    return gan_runner.gan_fitter(compose_cfg(tiny_overrides(shared_tmp, "gan", "cascaded")))
 
 
 def _gan(seed=0) -> DCGAN:

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import plain_fit
 
 from i2i_unlearning.errors import ConfigError, DataError
 from i2i_unlearning.metrics import features as features_mod
@@ -55,6 +56,7 @@ def trained(data, tmp_path_factory):
         num_classes=CLASSES,
         image_size=SIZE,
         epochs=2,
+        fit=plain_fit(),
     )
     net, meta = load_or_train_feature_net(cache, "synthetic-c1-s16", **kwargs)
     return net, meta, cache, kwargs
@@ -111,7 +113,7 @@ def test_cache_with_other_settings_is_refused(trained):
 
 def test_training_is_seeded_and_leaves_global_rng_alone(data):
     (x, y), (x_test, y_test) = data
-    args = dict(channels=1, num_classes=CLASSES, image_size=SIZE, epochs=1, seed=3)
+    args = dict(channels=1, num_classes=CLASSES, image_size=SIZE, epochs=1, seed=3, fit=plain_fit())
     rng_before = torch.random.get_rng_state()
     first, acc_first = train_feature_net(batches(x[:96], y[:96]), batches(x_test, y_test), **args)
     second, acc_second = train_feature_net(batches(x[:96], y[:96]), batches(x_test, y_test), **args)
@@ -124,7 +126,8 @@ def test_training_is_seeded_and_leaves_global_rng_alone(data):
 def test_training_rejects_labels_outside_classes(data):
     (x, y), _ = data
     with pytest.raises(DataError, match="num_classes=2"):
-        train_feature_net(batches(x, y), batches(x, y), channels=1, num_classes=2, image_size=SIZE, epochs=1)
+        train_feature_net(batches(x, y), batches(x, y), channels=1, num_classes=2, image_size=SIZE, epochs=1,
+                          fit=plain_fit())
 
 
 def test_perfect_outputs_score_as_ground_truth(trained, data):

@@ -17,10 +17,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from i2i_unlearning.atomic import torch_save, write_json
 from i2i_unlearning.errors import ConfigError, DataError
@@ -122,18 +122,74 @@ def accuracy(net: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> float:
     return correct / total
 
 
+class FeatureNetTraining(L.LightningModule):
+    """Trains a `FeatureNet` with Adam: cross-entropy on images shifted by up to 2 px, one seeded offset per
+    batch. The shift generator's state goes into every checkpoint, so a resumed run draws the same shifts."""
+
+    def __init__(self, net: FeatureNet, lr: float, seed: int) -> None:
+        super().__init__()
+        self.net, self.lr = net, float(lr)
+        self.shift_generator = torch.Generator().manual_seed(seed)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        _check_batch(x, y, self.net.in_channels, self.net.num_classes)
+        loss = F.cross_entropy(self.net(_shift(x.float(), self.shift_generator).to(self.device)), y.to(self.device))
+        self.log("feature_net/loss", loss, prog_bar=True, batch_size=len(y))
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.net.parameters(), lr=self.lr)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["shift_generator"] = self.shift_generator.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.shift_generator.set_state(checkpoint["shift_generator"])
+
+
+class EpochBatches(L.LightningDataModule):
+    """``epochs`` passes of ``train_batches()`` as one stream; resumed, it skips the steps already trained
+    (the batches are the same: ``train_batches`` draws its order from a seeded generator of its own)."""
+
+    def __init__(self, train_batches: Batches, epochs: int) -> None:
+        super().__init__()
+        self.train_batches, self.epochs, self.start = train_batches, int(epochs), 0
+
+    def train_dataloader(self) -> Iterable[tuple[Tensor, Tensor]]:
+        return _Skip(self)
+
+    def state_dict(self) -> dict:
+        return {"step": int(self.trainer.global_step)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.start = int(state["step"])
+
+
+class _Skip:
+    def __init__(self, data: EpochBatches) -> None:
+        self.data = data
+
+    def __iter__(self):
+        stream = (b for _ in range(self.data.epochs) for b in self.data.train_batches())
+        for i, batch in enumerate(stream):
+            if i >= self.data.start:
+                yield batch
+
+
 def train_feature_net(
     train_batches: Batches,
     test_batches: Batches,
     channels: int,
     num_classes: int,
     image_size: int,
+    fit: Callable[[L.LightningModule, L.LightningDataModule], None],
     epochs: int = 3,
     lr: float = 2e-3,
     seed: int = 0,
-    device: str | torch.device = "cpu",
 ) -> tuple[FeatureNet, float]:
-    """Train a FeatureNet with Adam and light shift augmentation; return it on CPU in eval mode + its test accuracy.
+    """Train a FeatureNet (`FeatureNetTraining`) with ``fit(module, data)`` (a Lightning fit, resumable where
+    the caller makes it so); return it on CPU in eval mode + its test accuracy.
 
     Seeded (initialisation, augmentation) without touching the global RNG; the batch order is the caller's.
     """
@@ -141,27 +197,14 @@ def train_feature_net(
         raise ConfigError(f"train_feature_net(epochs={epochs}, lr={lr}): need epochs >= 1 and lr > 0")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = FeatureNet(channels, num_classes, image_size).to(device)
-        gen = torch.Generator().manual_seed(seed)
-        opt = torch.optim.Adam(net.parameters(), lr=lr)
-        for epoch in range(epochs):
-            net.train()
-            seen = 0
-            bar = tqdm(
-                train_batches(), desc=f"feature net epoch {epoch + 1}/{epochs}", disable=None, leave=False
-            )
-            for x, y in bar:
-                _check_batch(x, y, channels, num_classes)
-                loss = F.cross_entropy(net(_shift(x.float(), gen).to(device)), y.to(device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                seen += int(y.numel())
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-            if seen == 0:
-                raise DataError("train_feature_net: train_batches() yielded no images; check the train split")
+        module = FeatureNetTraining(FeatureNet(channels, num_classes, image_size), lr, seed)
+        data = EpochBatches(train_batches, epochs)
+        fit(module, data)
+        if module.trainer.global_step == 0:
+            raise DataError("train_feature_net: train_batches() yielded no images; check the train split")
+    net = module.net.cpu()
     test_acc = accuracy(net, test_batches())
-    return net.cpu().eval(), test_acc
+    return net.eval(), test_acc
 
 
 def load_or_train_feature_net(cache_dir: Path, key: str, **train_kwargs) -> tuple[FeatureNet, dict]:

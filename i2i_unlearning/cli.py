@@ -69,11 +69,11 @@ def _log_results(logger, run: Path, result: dict) -> None:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
     """Run one (family, method, data, seed) cell; skip it if an identical run already finished."""
-    from .runner import apply_size, build_runner, write_config
+    from .runner import build_runner, check_size, write_config
 
     logging.basicConfig(level=logging.INFO, format="[i2iu] %(message)s", force=True)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no tips / device banners per stage
-    apply_size(cfg)
+    check_size(cfg)
     chash = config_hash(cfg)
     run = run_dir(cfg)
     if finished(run, chash):

@@ -20,8 +20,8 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
 
 from . import distributed
 from .atomic import torch_save, write_atomic, write_json, write_text
@@ -47,17 +47,12 @@ MODEL_META_KEYS = ("runner", "size", "sizes")  # model config keys the runner re
 
 
 # ---- config -----------------------------------------------------------------------------------
-def apply_size(cfg: DictConfig) -> DictConfig:
-    """Merge the model's size preset (``model.sizes[model.size]``, e.g. ``model.size=tiny``) into
-    ``cfg.model`` in place, so the written config and the run hash hold the sizes that run."""
-    size = cfg.model.get("size", "default")
-    if size == "default":
-        return cfg
-    sizes = cfg.model.get("sizes") or {}
-    if size not in sizes:
-        raise ConfigError(f"model.size={size!r}: model={cfg.model.name} has sizes {['default', *sizes]}")
-    with open_dict(cfg):
-        cfg.model = OmegaConf.merge(cfg.model, sizes[size])
+def check_size(cfg: DictConfig) -> DictConfig:
+    """``model.size`` names one of ``model.sizes`` (the keys a size sets read ``model.sizes.<size>``, so a key
+    given on the command line still wins); ConfigError naming the choices otherwise."""
+    size, sizes = cfg.model.get("size", "default"), cfg.model.get("sizes") or {}
+    if sizes and size not in sizes:
+        raise ConfigError(f"model.size={size!r}: model={cfg.model.name} has sizes {list(sizes)}")
     return cfg
 
 
@@ -75,7 +70,7 @@ def build_runner(cfg: DictConfig, run_dir: Path, chash: str, logger=None) -> Run
     if node is None or "_target_" not in node:
         raise ConfigError(f"model={cfg.model.name} names no runner: add `runner: {{_target_: "
                           "i2i_unlearning.runner.I2IRunner}` to its config (conf/model/<name>.yaml)")
-    return instantiate(node, cfg=cfg, run_dir=run_dir, chash=chash, logger=logger, _recursive_=False)
+    return get_class(node["_target_"])(check_size(cfg), run_dir, chash, logger)
 
 
 def perf_options(cfg: DictConfig) -> dict:
@@ -138,7 +133,7 @@ class Runner:
     """
 
     def __init__(self, cfg: DictConfig, run_dir: Path, chash: str, logger=None):
-        self.cfg, self.run_dir, self.chash, self.logger = apply_size(cfg), Path(run_dir), chash, logger
+        self.cfg, self.run_dir, self.chash, self.logger = check_size(cfg), Path(run_dir), chash, logger
         self.method = None
         self.mask_patch = 1
         self.data_dir: Path | None = None
@@ -321,17 +316,19 @@ class I2IRunner(Runner):
                 "final_loss": float(tr.callback_metrics.get("train/loss", float("nan")))}
 
     def stage_context(self, kind: str, patch: int, workdir: Path) -> StageContext:
-        """Data access for a family's pre-training stages, on the splits of ``kind``."""
+        """Data and training for a family's pre-training stages, on the splits of ``kind``: each stage trains
+        with the run's Trainer (fp32, no clipping: a stage keeps its own recipe), resumable under ``workdir``."""
         cfg, rec = self.cfg, self.cfg.model.train
 
-        def train_batches(n: int):
-            dm = datamodule(cfg, self.data_dir, {"train": STREAM_SPLITS[kind]}, rec.batch_size, n, rec.seed, patch)
-            for batch, _, _ in iter(dm.train_dataloader()):
-                yield batch["train"]
+        def train_data(steps: int, batch_size: int) -> ForgetRetainDataModule:
+            return datamodule(cfg, self.data_dir, {"train": STREAM_SPLITS[kind]}, batch_size, steps, rec.seed, patch)
+
+        def fit(module: L.LightningModule, data: ForgetRetainDataModule, name: str) -> None:
+            fitter(cfg, ckpt_dir=workdir / f"{name}-resume", gradient_clip_val=None, precision="32-true")(module, data)
 
         eval_dm = datamodule(cfg, self.data_dir, {"train": STREAM_SPLITS[kind]}, 1, 1, rec.seed, patch)
         return StageContext(
-            train_batches=train_batches,
+            train_data=train_data, fit=fit,
             eval_batches=lambda split: eval_dm.eval_batches(split, cfg.task, batch_size=cfg.metrics.eval_batch_size),
             workdir=workdir, seed=rec.seed,
             scorer=(lambda: SplitScorer(self.nets[0])) if self.nets[0] is not None else None,

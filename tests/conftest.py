@@ -7,7 +7,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from i2i_unlearning.runner import apply_size, build_runner
+from i2i_unlearning.runner import build_runner
 from i2i_unlearning.unlearning.module import UnlearnModule
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,9 +39,9 @@ def tiny_overrides(tmp: Path, model: str = "mae", method: str = "ours", extra=()
 
 
 def compose_cfg(overrides: list[str]):
-    """The real config as ``i2iu`` composes it (size preset applied)."""
+    """The real config as ``i2iu`` composes it."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return apply_size(compose(config_name="config", overrides=overrides))
+        return compose(config_name="config", overrides=overrides)
 
 
 @pytest.fixture(scope="session")

@@ -55,9 +55,10 @@ size: default
 image_size: ${data.image_size}
 channels: ${data.channels}
 pretrained: null
-width: 16
+width: ${model.sizes.${model.size}.width}
 train: {epochs: 1, batch_size: 64, lr: 2.0e-3, weight_decay: 0.0, warmup_steps: 10, seed: 0}
 sizes:
+  default: {width: 16}
   tiny: {width: 4}
 '''
 I2I_METHODS = [m for m in METHODS if m not in ("cascaded", "fake_label")]

@@ -151,3 +151,10 @@ def test_nothing_is_written_outside_the_configured_paths(shared_tmp, tmp_path, m
         cli.main(cfg)
         assert json.loads((run_dir(cfg) / "metrics.json").read_text())["status"] == "ok"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_key_given_on_the_command_line_wins_over_the_size(shared_tmp):
+    cfg = compose_cfg(tiny_overrides(shared_tmp, "mae", extra=["model.depth=2"]))
+    assert cfg.model.depth == 2 and cfg.model.embed_dim == 32  # the override, and the rest of model.size=tiny
+    with pytest.raises(ConfigError, match="model.size='huge'.*tiny"):
+        build_runner(compose_cfg(tiny_overrides(shared_tmp, extra=["model.size=huge"])), shared_tmp / "never", "x")

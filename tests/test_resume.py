@@ -108,3 +108,32 @@ def test_feature_network_resumes_bit_exact(tmp_path, monkeypatch):
     assert all(torch.equal(ref[k], got[k]) for k in ref)
     other = train(tmp_path / "c", kill=True, restore_generator=False)  # control: the check can fail
     assert any(not torch.equal(ref[k], other[k]) for k in ref)
+
+
+def test_vq_tokenizer_resumes_bit_exact(tmp_path, monkeypatch):
+    """The VQ tokenizer stage trains as a LightningModule: killed mid-run, it resumes where its data stream
+    stopped; a resume that loses the stream position (the control) ends elsewhere."""
+    from i2i_unlearning.data.datamodule import ForgetRetainDataModule
+    from i2i_unlearning.families.vqgan import TokenizerTraining
+
+    def train(root, kill, restore_stream=True):
+        extra = ["model.train.tokenizer_steps=6", "model.train.epochs=0.1",
+                 "callbacks.model_checkpoint.every_n_train_steps=2"]
+        runner = prepared_runner(compose_cfg(tiny_overrides(root, "vqgan", "original", extra=extra)), root / "run")
+        with monkeypatch.context() as m:
+            if not restore_stream:
+                m.setattr(ForgetRetainDataModule, "load_state_dict", lambda self, state: None)
+            if kill:
+                with monkeypatch.context() as k:
+                    _kill_at(k, TokenizerTraining, 5)
+                    with pytest.raises(Killed):
+                        runner.reference("original")
+                assert list((root / "cache" / "models").glob("*/tokenizer-resume/last.ckpt"))
+            model, _ = runner.reference("original")
+        return model.tokenizer.state_dict()
+
+    ref = train(tmp_path / "a", kill=False)
+    got = train(tmp_path / "b", kill=True)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    other = train(tmp_path / "c", kill=True, restore_stream=False)  # control: the check can fail
+    assert any(not torch.equal(ref[k], other[k]) for k in ref)

@@ -2,9 +2,11 @@
 
 import json
 
+import lightning as L
 import pytest
 import torch
-from conftest import run_method_steps
+from conftest import plain_fit, run_method_steps
+from torch.utils.data import DataLoader
 
 from i2i_unlearning.data.degrade import center_mask, outpaint_mask, random_patch_mask
 from i2i_unlearning.errors import ConfigError
@@ -36,15 +38,24 @@ def blocks(n: int, seed: int) -> torch.Tensor:
     return x
 
 
-def context(tmp_path, seed=0) -> StageContext:
-    def train_batches(n):
-        for i in range(n):
-            yield {"image": blocks(16, 100 + i), "mask": None, "label": torch.zeros(16, dtype=torch.long)}
+class Blocks(L.LightningDataModule):
+    """``steps`` training batches of block images (stream "train")."""
 
+    def __init__(self, steps: int, batch_size: int) -> None:
+        super().__init__()
+        self.steps, self.batch_size = steps, batch_size
+
+    def train_dataloader(self):
+        batches = [{"train": {"image": blocks(self.batch_size, 100 + i)}} for i in range(self.steps)]
+        return DataLoader(batches, batch_size=None)
+
+
+def context(tmp_path, seed=0) -> StageContext:
     def eval_batches(split):
         yield {"image": blocks(32, seed), "mask": None, "label": torch.zeros(32, dtype=torch.long)}
 
-    return StageContext(train_batches, eval_batches, tmp_path, scorer=None, seed=seed)
+    return StageContext(train_data=Blocks, fit=lambda module, data, name: plain_fit()(module, data),
+                        eval_batches=eval_batches, workdir=tmp_path, scorer=None, seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +107,7 @@ def test_tokenizer_is_cached_frozen_and_in_the_state_dict(trained):
     assert json.loads((workdir / "tokenizer.json").read_text())["metrics"] == record
     fresh = tiny()
     ctx = context(workdir)
-    ctx.train_batches = None  # a cached tokenizer is loaded, never retrained
+    ctx.fit = None  # a cached tokenizer is loaded, never retrained
     assert fresh.pre_train(ctx) == record
     assert all(torch.equal(a, b) for a, b in zip(fresh.tokenizer.state_dict().values(),
                                                  m.tokenizer.state_dict().values(), strict=True))

@@ -39,7 +39,10 @@ Embedding = Tensor | list[Tensor]
 class StageContext:
     """What the runner hands a family's pre-training stages (e.g. a VQ tokenizer)."""
 
-    train_batches: Callable[[int], Iterator[dict]]  # n -> n training batches of the model's splits
+    # (steps, batch size) -> a data module of that many training batches (stream "train") of the model's splits
+    train_data: Callable[[int, int], L.LightningDataModule]
+    # (module, data, name) -> trains ``module`` with the run's Trainer, resumable from a checkpoint dir of ``name``
+    fit: Callable[[L.LightningModule, L.LightningDataModule, str], None]
     eval_batches: Callable[[str], Iterator[dict]]  # split name (e.g. "retain_eval") -> fixed eval batches
     workdir: Path  # where the stages may cache their own artifacts
     # a new scorer of restored images (update(outputs, truths, labels); compute() -> {"fid", ...}) for

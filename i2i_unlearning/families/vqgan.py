@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from diffusers import VQModel
@@ -71,6 +71,30 @@ def psnr(a: Tensor, b: Tensor) -> Tensor:
     """Per-image PSNR (dB) of images in [0, 1]."""
     mse = (a - b).pow(2).flatten(1).mean(1).clamp_min(1e-10)
     return -10 * torch.log10(mse)
+
+
+class TokenizerTraining(L.LightningModule):
+    """The tokenizer stage: reconstruction MSE + VQ commitment loss with Adam; the codebook starts on the
+    encoder outputs of the first batch (data-dependent, so that no code starts dead)."""
+
+    def __init__(self, vq: VQModel, lr: float, codebook_size: int) -> None:
+        super().__init__()
+        self.vq, self.lr, self.codebook_size = vq, float(lr), int(codebook_size)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        x = batch["train"]["image"] * 2 - 1
+        h = self.vq.encode(x).latents
+        if self.global_step == 0:
+            flat = h.detach().permute(0, 2, 3, 1).reshape(-1, h.shape[1])
+            with torch.no_grad():
+                self.vq.quantize.embedding.weight.copy_(flat[torch.randint(len(flat), (self.codebook_size,))])
+        out = self.vq.decode(h)
+        loss = F.mse_loss(out.sample, x) + out.commit_loss.mean()
+        self.log("tokenizer/loss", loss, prog_bar=True, batch_size=len(x))
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.vq.parameters(), lr=self.lr)
 
 
 class VQGAN(Family):
@@ -213,9 +237,9 @@ class VQGAN(Family):
         """Train the tokenizer (or load it from ``ctx.workdir``, or from ``model.pretrained_tokenizer``: a
         diffusers ``VQModel`` folder or state dict of this config's sizes), freeze it, record its quality.
 
-        ``train.tokenizer_steps`` Adam steps (``train.tokenizer_lr``) of reconstruction MSE + VQ
-        commitment loss, on micro-batches of ``train.tokenizer_batch_size`` images (default: the
-        training batch); the codebook starts on encoder outputs of the first micro-batch.
+        ``train.tokenizer_steps`` Adam steps (``train.tokenizer_lr``) of `TokenizerTraining` on batches of
+        ``train.tokenizer_batch_size`` images (default: the training batch), with the run's Trainer
+        (``ctx.fit``: resumable, DDP where the trainer is).
         """
         weights, record = Path(ctx.workdir) / "tokenizer.pt", Path(ctx.workdir) / "tokenizer.json"
         if self.pretrained_tokenizer is not None:  # a local VQ tokenizer: loaded, not trained
@@ -234,32 +258,14 @@ class VQGAN(Family):
         steps, lr = int(cfg.get("tokenizer_steps", 300)), float(cfg.get("tokenizer_lr", 2e-3))
         batch = int(cfg.get("batch_size", 128))
         micro = min(int(cfg.get("tokenizer_batch_size") or batch), batch)
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
-            else torch.device("cpu")
         vq = build_tokenizer(**self._tokenizer_args)
         vq.load_state_dict(self.tokenizer.state_dict())
-        vq.to(device).train()
-        opt = torch.optim.Adam(vq.parameters(), lr=lr)
-        step = 0
-        for b in ctx.train_batches(math.ceil(steps / math.ceil(batch / micro))):
-            for x in b["image"].to(device).split(micro):
-                if step == steps:
-                    break
-                h = vq.encode(x * 2 - 1).latents
-                if step == 0:  # data-dependent codebook init, so that no code starts dead
-                    flat = h.detach().permute(0, 2, 3, 1).reshape(-1, h.shape[1])
-                    with torch.no_grad():
-                        vq.quantize.embedding.weight.copy_(flat[torch.randint(len(flat), (self.codebook_size,))])
-                out = vq.decode(h)
-                loss = F.mse_loss(out.sample, x * 2 - 1) + out.commit_loss.mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
+        ctx.fit(TokenizerTraining(vq, lr, self.codebook_size), ctx.train_data(steps, micro), "tokenizer")
+        device = next(vq.parameters()).device
         metrics = self._tokenizer_quality(vq.eval(), ctx, device)
         self.tokenizer.load_state_dict(vq.state_dict())
         torch_save(weights, self.tokenizer.state_dict())
-        write_json(record, {"steps": step, "lr": lr, "micro_batch": micro, "tokenizer": self._tokenizer_args,
+        write_json(record, {"steps": steps, "lr": lr, "micro_batch": micro, "tokenizer": self._tokenizer_args,
                             "metrics": metrics})
         return metrics
 

@@ -29,7 +29,7 @@ from .families.gan import DCGAN, BatchStream
 from .hashing import stable_hash
 from .metrics.evaluate import BatchFeatures, InceptionScoreStream, fid_metric
 from .metrics.features import tensor_batches, train_feature_net
-from .runner import MODEL_META_KEYS, Runner
+from .runner import MODEL_META_KEYS, SINGLE_PROCESS_FP32, Runner
 from .training import fitter
 from .unlearning.cascaded import GANContext, auc, forgotten_share, retain_stream
 
@@ -90,7 +90,7 @@ def downstream_acc(cfg: DictConfig, samples: torch.Tensor, labels: torch.Tensor,
     train_batches, test_batches = tensor_batches(samples, labels, test_x, test_y, seed=cfg.seed)
     _, acc = train_feature_net(train_batches, test_batches, channels=samples.shape[1], num_classes=num_classes,
                                image_size=samples.shape[-1], epochs=cfg.model.eval.downstream_epochs, seed=cfg.seed,
-                               fit=fitter(cfg, gradient_clip_val=None, precision="32-true"))
+                               fit=fitter(cfg, **SINGLE_PROCESS_FP32))
     return acc
 
 
@@ -118,7 +118,8 @@ class GANRunner(Runner):
         return data_dir
 
     def needs_references(self) -> list[str]:
-        return ["original", "retrain"]  # retrain: scored beside every method (item unlearning's MIA)
+        """Both references: retrain is scored beside every method (item unlearning's MIA AUC)."""
+        return ["original", "retrain"]
 
     def training_images(self, kind: str) -> tuple[torch.Tensor, list[str]]:
         """The images (sorted by key) and keys a ``kind`` reference learns from."""

@@ -44,6 +44,10 @@ log = logging.getLogger("i2iu")
 TRAIN_SPLITS = ("forget_train", "retain_train", "proxy_train")
 STREAM_SPLITS = {"original": list(TRAIN_SPLITS), "retrain": ["retain_train"]}
 MODEL_META_KEYS = ("runner", "size", "sizes")  # model config keys the runner reads; not family arguments
+# Trainer settings of the feature network (the measuring instrument: small, trained once, in memory): its own
+# recipe in one process, in fp32 and unclipped, whatever the trainer config says
+SINGLE_PROCESS_FP32 = {"strategy": "auto", "devices": 1, "num_nodes": 1, "precision": "32-true",
+                       "gradient_clip_val": None}
 
 
 # ---- config -----------------------------------------------------------------------------------
@@ -114,8 +118,7 @@ def feature_net(cfg: DictConfig, data_dir: Path, dm: ForgetRetainDataModule):
     train_batches, test_batches = tensor_batches(x_train, y_train, x_test, y_test, seed=0)
     fcfg = cfg.metrics.feature_net
     key = stable_hash({"epochs": fcfg.epochs, "lr": fcfg.lr}, 8)
-    # fp32, no clipping: the measuring instrument keeps its own recipe whatever the trainer config says
-    fit = fitter(cfg, ckpt_dir=data_dir / f"feature_net-{key}-resume", gradient_clip_val=None, precision="32-true")
+    fit = fitter(cfg, ckpt_dir=data_dir / f"feature_net-{key}-resume", **SINGLE_PROCESS_FP32)
     return load_or_train_feature_net(
         data_dir, key=key, train_batches=train_batches, test_batches=test_batches, channels=dm.channels,
         num_classes=dm.num_classes, image_size=dm.image_size, epochs=fcfg.epochs, lr=fcfg.lr, seed=0, fit=fit,
@@ -137,6 +140,7 @@ class Runner:
         self.method = None
         self.mask_patch = 1
         self.data_dir: Path | None = None
+        self.eval_dm: ForgetRetainDataModule | None = None
         self.nets: tuple = (None, None, {})
         self.refs: dict[str, tuple[Any, dict]] = {}
 
@@ -193,6 +197,7 @@ class Runner:
             self.refs[kind] = self.reference(kind)
 
     def needs_references(self) -> list[str]:
+        """The reference models this variant loads: the original, and the model the method starts from."""
         return list(dict.fromkeys(["original", self.method.start_from]))
 
     def reference(self, kind: str) -> tuple[Any, dict]:

@@ -14,6 +14,7 @@ from i2i_unlearning.unlearning import methods as M
 from i2i_unlearning.unlearning.module import UnlearnModule
 
 
+@pytest.mark.slow
 def test_bench_tiny_writes_every_ratio_for_every_family(tmp_path, capsys):
     rc = main(["bench_size=tiny", "data=synthetic", f"paths.cache_dir={tmp_path / 'cache'}",
                f"bench.out_dir={tmp_path / 'out'}"])

@@ -5,12 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from i2i_unlearning.data.prepare import prepare
 from i2i_unlearning.data.sources import SyntheticSource
 
 
+@pytest.mark.slow
 def test_two_process_ddp_unlearning_fit(tmp_path):
     data_dir = prepare(SyntheticSource(num_classes=3, per_class_train=24, per_class_test=4, size=28),
                        tmp_path / "data", forget_classes=["class_0"], retain_classes=["class_1"],

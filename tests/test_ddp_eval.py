@@ -10,6 +10,7 @@ from i2i_unlearning.metrics.evaluate import SplitScorer
 from i2i_unlearning.metrics.restoration import evaluate_on
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["mae", "diffusion"])  # deterministic restore / sampled restore + states
 def test_two_rank_evaluation_equals_one_rank(shared_tmp, model):
     cfg = compose_cfg(tiny_overrides(shared_tmp, model=model, method="original",
@@ -42,6 +43,7 @@ def test_ordered_map_without_ranks_is_a_plain_map():
     assert distributed.world() == (0, 1)
 
 
+@pytest.mark.slow
 def test_scorer_state_is_flat_in_the_number_of_images():
     """An Inception-sized feature model (2048-d embedding, 1008 logits): the running state after 64 images
     takes the same bytes as after 512 (IS from sums, no per-image logits kept)."""

@@ -400,6 +400,7 @@ def test_parallel_decoding_gives_the_same_shards(tree, tmp_path):
     assert serial["splits"] == parallel["splits"] and serial["config_hash"] == parallel["config_hash"]
 
 
+@pytest.mark.slow
 def test_a_run_scores_with_inception_features(tmp_path, inception_file):
     """metrics.features=inception reaches the run: FID / IS / cosine from the Inception network's outputs."""
     from conftest import compose_cfg, tiny_overrides

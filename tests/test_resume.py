@@ -82,58 +82,47 @@ def test_original_training_resumes_bit_exact(tmp_path, monkeypatch):
     assert all(torch.equal(ref[k], got[k]) for k in ref)
 
 
-def test_feature_network_resumes_bit_exact(tmp_path, monkeypatch):
-    """The feature network trains as a LightningModule: killed mid-run, it resumes from its checkpoint and
-    ends with the weights of an uninterrupted run; without its shift generator's state it does not."""
-    from i2i_unlearning.metrics.features import FeatureNetTraining
-
-    def train(root, kill, restore_generator=True):
-        extra = ["metrics.feature_net.epochs=3", "callbacks.model_checkpoint.every_n_train_steps=2"]  # 6 steps
-        runner = prepared_runner(compose_cfg(tiny_overrides(root, "mae", "original", extra=extra)), root / "run")
+def _stage_resumes_bit_exact(tmp_path, monkeypatch, model, extra, stage, run, control):
+    """A stage killed at step 5 (checkpoints every 2) and relaunched ends with the weights of an uninterrupted
+    run, and leaves no checkpoint behind; with ``control`` patched in (what resume restores, dropped) it does not."""
+    def train(root, kill, patch=None):
+        extra_ = [*extra, "callbacks.model_checkpoint.every_n_train_steps=2"]
+        runner = prepared_runner(compose_cfg(tiny_overrides(root, model, "original", extra=extra_)), root / "run")
         with monkeypatch.context() as m:
-            if not restore_generator:
-                m.setattr(FeatureNetTraining, "on_load_checkpoint", lambda self, ckpt: None)
+            if patch:
+                m.setattr(*patch)
             if kill:
                 with monkeypatch.context() as k:
-                    _kill_at(k, FeatureNetTraining, 5)
+                    _kill_at(k, stage, 5)
                     with pytest.raises(Killed):
-                        runner.scoring_nets()
-                assert list(runner.data_dir.glob("feature_net-*-resume/last.ckpt"))
-            net = runner.scoring_nets()[0]
-        assert not list(runner.data_dir.glob("feature_net-*-resume"))  # removed once trained
-        return net.state_dict()
+                        run(runner)
+                assert list(root.rglob("*-resume/last.ckpt"))
+            weights = run(runner)
+        assert not list(root.rglob("*-resume/last.ckpt"))  # removed once the stage ended
+        return weights
 
     ref = train(tmp_path / "a", kill=False)
     got = train(tmp_path / "b", kill=True)
     assert all(torch.equal(ref[k], got[k]) for k in ref)
-    other = train(tmp_path / "c", kill=True, restore_generator=False)  # control: the check can fail
+    other = train(tmp_path / "c", kill=True, patch=control)  # control: the check can fail
     assert any(not torch.equal(ref[k], other[k]) for k in ref)
+
+
+def test_feature_network_resumes_bit_exact(tmp_path, monkeypatch):
+    """The feature network trains as a LightningModule; its shift generator's state is in the checkpoint."""
+    from i2i_unlearning.metrics.features import FeatureNetTraining
+
+    _stage_resumes_bit_exact(tmp_path, monkeypatch, "mae", ["metrics.feature_net.epochs=3"],  # 6 steps
+                             FeatureNetTraining, lambda runner: runner.scoring_nets()[0].state_dict(),
+                             control=(FeatureNetTraining, "on_load_checkpoint", lambda self, ckpt: None))
 
 
 def test_vq_tokenizer_resumes_bit_exact(tmp_path, monkeypatch):
-    """The VQ tokenizer stage trains as a LightningModule: killed mid-run, it resumes where its data stream
-    stopped; a resume that loses the stream position (the control) ends elsewhere."""
+    """The VQ tokenizer stage trains as a LightningModule and resumes where its data stream stopped."""
     from i2i_unlearning.data.datamodule import ForgetRetainDataModule
     from i2i_unlearning.families.vqgan import TokenizerTraining
 
-    def train(root, kill, restore_stream=True):
-        extra = ["model.train.tokenizer_steps=6", "model.train.epochs=0.1",
-                 "callbacks.model_checkpoint.every_n_train_steps=2"]
-        runner = prepared_runner(compose_cfg(tiny_overrides(root, "vqgan", "original", extra=extra)), root / "run")
-        with monkeypatch.context() as m:
-            if not restore_stream:
-                m.setattr(ForgetRetainDataModule, "load_state_dict", lambda self, state: None)
-            if kill:
-                with monkeypatch.context() as k:
-                    _kill_at(k, TokenizerTraining, 5)
-                    with pytest.raises(Killed):
-                        runner.reference("original")
-                assert list((root / "cache" / "models").glob("*/tokenizer-resume/last.ckpt"))
-            model, _ = runner.reference("original")
-        return model.tokenizer.state_dict()
-
-    ref = train(tmp_path / "a", kill=False)
-    got = train(tmp_path / "b", kill=True)
-    assert all(torch.equal(ref[k], got[k]) for k in ref)
-    other = train(tmp_path / "c", kill=True, restore_stream=False)  # control: the check can fail
-    assert any(not torch.equal(ref[k], other[k]) for k in ref)
+    extra = ["model.train.tokenizer_steps=6", "model.train.epochs=0.1"]
+    _stage_resumes_bit_exact(tmp_path, monkeypatch, "vqgan", extra, TokenizerTraining,
+                             lambda runner: runner.reference("original")[0].tokenizer.state_dict(),
+                             control=(ForgetRetainDataModule, "load_state_dict", lambda self, state: None))

@@ -28,6 +28,7 @@ def statuses(root: Path) -> dict:
     return {(r["method"], r["seed"]): r["status"] for r in collect(root)}
 
 
+@pytest.mark.slow
 def test_basic_sweep_2x2_one_summary_and_relaunch_does_no_work(shared_tmp):
     proc = sweep(shared_tmp, "sweep_basic", "method=ours,original", "seed=0,1")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -41,6 +42,7 @@ def test_basic_sweep_2x2_one_summary_and_relaunch_does_no_work(shared_tmp):
     assert {p: p.stat().st_mtime_ns for p in root.rglob("metrics.json")} == stamps
 
 
+@pytest.mark.slow
 def test_joblib_sweep_with_a_failing_cell(shared_tmp):
     # class_9 does not exist: that cell fails fast, the other three finish
     proc = sweep(shared_tmp, "sweep_joblib", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
@@ -99,6 +101,7 @@ def test_paper_presets_compose_into_sweeps(tmp_path, table):
     build_runner(cfg, tmp_path / "never", "x").check()
 
 
+@pytest.mark.slow
 def test_ddp_inside_a_sweep_runs_each_cell_once(shared_tmp):
     """trainer=ddp (2 CPU processes, ddp_spawn) inside -m: every stage trains under DDP, no rank re-runs the sweep."""
     proc = sweep(shared_tmp, "sweep_ddp", "trainer=ddp", "logger=wandb", "method=ours,original",

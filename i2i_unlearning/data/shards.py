@@ -48,35 +48,15 @@ def write_shards(
     shard_size: int,
     keys: Sequence[int] | None = None,
 ) -> list[dict]:
-    """Write `{split}-{i:05d}.tar` shards of at most `shard_size` samples into out_dir.
-
-    Each sample is {"__key__": "%07d", "png": PNG bytes, "cls": class index}; keys default to the
-    running index. Tar headers carry a fixed mtime so the same data gives byte-identical shards.
-    Returns [{"name", "count", "sha256"}] in write order (empty for an empty split).
-    """
-    if shard_size < 1:
-        raise ConfigError(f"shard_size={shard_size}: use a positive number of samples per shard")
+    """Write in-memory images as `{split}-{i:05d}.tar` shards of at most `shard_size` samples (`ShardWriter`);
+    keys default to the running index. Returns [{"name", "count", "sha256"}] (empty for an empty split)."""
     if len(images) != len(labels):
         raise ConfigError(f"write_shards({split!r}): {len(images)} images but {len(labels)} labels")
     keys = range(len(images)) if keys is None else keys
-    out_dir = Path(out_dir)
-    shards = []
-    with tqdm(total=len(images), desc=f"writing {split}", unit="img", disable=None) as progress:
-        for shard_index, start in enumerate(range(0, len(images), shard_size)):
-            path = out_dir / f"{split}-{shard_index:05d}.tar"
-            stop = min(start + shard_size, len(images))
-            with open(path, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=0) as sink:
-                for i in range(start, stop):
-                    sink.write(
-                        {
-                            "__key__": f"{keys[i]:07d}",
-                            "png": encode_png(images[i]),
-                            "cls": b"%d" % int(labels[i]),
-                        }
-                    )
-            shards.append({"name": path.name, "count": stop - start, "sha256": sha256_file(path)})
-            progress.update(stop - start)
-    return shards
+    writer = ShardWriter(out_dir, split, shard_size)
+    for i in tqdm(range(len(images)), desc=f"writing {split}", unit="img", disable=None):
+        writer.add(int(keys[i]), encode_png(images[i]), int(labels[i]))
+    return writer.close()
 
 
 def read_shard(path: Path, channels: int) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -111,40 +91,31 @@ def verify_shards(data_dir: Path, manifest: dict, splits: list[str]) -> None:
 
 
 class ShardWriter:
-    """Incremental `{split}-{i:05d}.tar` shards of at most `shard_size` already-encoded PNG samples.
-
-    The streaming counterpart of `write_shards` (same sample format, same fixed tar mtime): samples are
-    added one by one, a shard is closed and checksummed as soon as it is full, so memory holds one sample.
-    """
+    """`{split}-{i:05d}.tar` shards of at most `shard_size` already-encoded PNG samples, written one by one
+    through `webdataset.ShardWriter`: each sample is {"__key__": "%07d", "png", "cls"}, tar headers carry a
+    fixed mtime (the same data gives byte-identical shards), and a shard is checksummed once it is closed."""
 
     def __init__(self, out_dir: Path, split: str, shard_size: int):
         if shard_size < 1:
             raise ConfigError(f"shard_size={shard_size}: use a positive number of samples per shard")
         self.out_dir, self.split, self.shard_size = Path(out_dir), split, shard_size
         self.shards: list[dict] = []
-        self._sink = self._stream = self._path = None
-        self._count = 0
+        self._writer: wds.ShardWriter | None = None  # opened by the first sample: an empty split writes nothing
 
     def add(self, key: int, png: bytes, label: int) -> None:
-        """Append one sample ({"__key__": "%07d", "png", "cls"})."""
-        if self._sink is None:
-            self._path = self.out_dir / f"{self.split}-{len(self.shards):05d}.tar"
-            self._stream = open(self._path, "wb")  # closed in _close_shard
-            self._sink = wds.TarWriter(self._stream, encoder=False, mtime=0)
-        self._sink.write({"__key__": f"{int(key):07d}", "png": png, "cls": b"%d" % int(label)})
-        self._count += 1
-        if self._count == self.shard_size:
-            self._close_shard()
+        """Append one sample."""
+        if self._writer is None:
+            self._writer = wds.ShardWriter(str(self.out_dir / f"{self.split}-%05d.tar"), maxcount=self.shard_size,
+                                           post=self._record, verbose=0, encoder=False, mtime=0)
+        self._writer.write({"__key__": f"{int(key):07d}", "png": png, "cls": b"%d" % int(label)})
 
-    def _close_shard(self) -> None:
-        self._sink.close()
-        self._stream.close()
-        self.shards.append({"name": self._path.name, "count": self._count, "sha256": sha256_file(self._path)})
-        self._sink = self._stream = self._path = None
-        self._count = 0
+    def _record(self, fname: str) -> None:
+        path = Path(fname)
+        self.shards.append({"name": path.name, "count": self._writer.count, "sha256": sha256_file(path)})
 
     def close(self) -> list[dict]:
         """Close the last shard; returns [{"name", "count", "sha256"}] in write order."""
-        if self._sink is not None:
-            self._close_shard()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
         return self.shards

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import lightning as L
 import torch
 from omegaconf import DictConfig
 
@@ -22,41 +23,40 @@ def device_of(cfg: DictConfig) -> torch.device:
     return torch.device("cuda") if wants_gpu and torch.cuda.is_available() else torch.device("cpu")
 
 
-def autocast(cfg: DictConfig, device: torch.device):
-    """The trainer's mixed precision (``trainer.precision`` bf16-mixed / 16-mixed) as an autocast context."""
-    precision = str(cfg.trainer.precision)
-    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    """Wall-clock seconds of one call (the device synchronised before and after)."""
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t0
+class StepTimer(L.Callback):
+    """Seconds of every training step as the Trainer runs it (loss, backward, clipping, optimiser step),
+    the device synchronised at both ends; loading the batch falls outside."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.seconds, self._t0 = device, [], 0.0
+
+    def on_train_batch_start(self, *args) -> None:
+        sync(self.device)
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, *args) -> None:
+        sync(self.device)
+        self.seconds.append(time.perf_counter() - self._t0)
 
 
-def interleaved_medians(runs: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int,
+def interleaved_medians(fits: dict[str, Callable[[int], list[float]]], warmup: int, repeats: int,
                         steps: int) -> dict[str, dict]:
-    """Median seconds per call of each named callable, measured side by side: ``warmup`` untimed
-    rounds, then ``repeats`` rounds in which every callable runs ``steps`` timed calls, the order
-    rotated each round so no callable always follows the same one."""
-    names = list(runs)
+    """Median seconds per step of each named ``fit(n)`` (n timed steps, their seconds returned), measured
+    side by side: ``warmup`` untimed rounds, then ``repeats`` rounds in which every fit runs ``steps``
+    steps, the order rotated each round so no kind always follows the same one."""
+    names = list(fits)
     for _ in range(warmup):
         for name in names:
-            runs[name]()
+            fits[name](steps)
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         for name in names[r % len(names):] + names[: r % len(names)]:
-            for _ in range(steps):
-                times[name].append(timed(runs[name], device))
+            times[name] += fits[name](steps)
     return {name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "n": len(t)}
             for name, t in times.items()}
 

@@ -1,10 +1,11 @@
 """(1) cost per image of each method's step against the family's plain training step, and (5) the
 peak memory of those steps, on the same model, the same real batches and in the same process.
 
-A step is what the Lightning loop does per batch: the loss, backward, gradient clipping at
-``trainer.gradient_clip_val``, the optimiser step and zeroing the gradients. The unlearning steps
-run through ``UnlearnModule`` (with the ``perf`` fast paths) on a retain and a forget batch of
-``method.batch_size`` each; the training step runs ``task_loss`` on those same retain and forget
+A step is what the runner's Trainer (``training.make_trainer``) does per batch, timed by a callback:
+the loss, backward, gradient clipping at ``trainer.gradient_clip_val``, the optimiser step. The
+unlearning steps are ``UnlearnModule.training_step`` (with the ``perf`` fast paths) on a retain and
+a forget batch of ``method.batch_size`` each; the training step is the family's own ``training_step``
+(``task_loss``) on those same retain and forget
 images under the same masks, as one batch (the two streams share each step's mask shape), so the
 step kinds differ in what they compute and in nothing they are fed. Cost per image = median seconds
 per step / images the step consumes (retain and forget together; finetune: retain only).
@@ -15,15 +16,18 @@ from __future__ import annotations
 import copy
 import itertools
 
+import lightning as L
 import torch
 from omegaconf import DictConfig
+from torch.utils.data import DataLoader
 
 from .. import runner
 from ..data.degrade import eval_mask
 from ..families.base import Family
+from ..training import make_trainer
 from ..unlearning.methods import UnlearningMethod
 from ..unlearning.module import UnlearnModule
-from .common import PeakMemory, autocast, interleaved_medians, ratio, to_device
+from .common import PeakMemory, StepTimer, interleaved_medians, ratio, to_device
 
 # variants of ours that show what the fast paths buy (name -> (perf overrides, fixed mask))
 VARIANTS = {
@@ -60,47 +64,41 @@ def _widen(pool: list[dict], n: int) -> list[dict]:
     return out
 
 
-class _Runner:
-    """One kind of step over a cycled pool of batches: ``__call__`` runs one step."""
+class _Fits:
+    """One kind of step through the real Trainer (``training.make_trainer``, the run's precision and
+    clipping): ``__call__(n)`` fits ``module`` for one untimed step (its optimiser's state is made there)
+    plus ``n`` timed steps on the cycled pool, and returns the timed steps' seconds."""
 
-    def __init__(self, params: list, loss_fn, pool: list[dict], images: int, clip: float | None, opt, amp):
-        self.params, self.loss_fn, self.images, self.clip, self.opt, self.amp = params, loss_fn, images, clip, opt, amp
-        self.batches = itertools.cycle(pool)
+    def __init__(self, cfg: DictConfig, module: L.LightningModule, pool: list[dict], images: int, device):
+        self.cfg, self.module, self.pool, self.images, self.device = cfg, module, pool, images, device
+        self.offset = 0
 
-    def __call__(self) -> None:
-        with self.amp():
-            loss = self.loss_fn(next(self.batches))
-        loss.backward()
-        if self.clip:
-            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+    def __call__(self, n: int) -> list[float]:
+        timer = StepTimer(self.device)
+        batches = [self.pool[(self.offset + i) % len(self.pool)] for i in range(n + 1)]
+        self.offset += n + 1
+        trainer = make_trainer(self.cfg, max_steps=n + 1, callbacks=[timer])
+        trainer.fit(self.module, DataLoader(batches, batch_size=None))
+        return timer.seconds[1:]
 
 
 def measure(cfg: DictConfig, data_dir, original: Family, methods: dict[str, UnlearningMethod], device,
             perf: dict) -> dict:
     """Median step times, cost per image relative to the training step, and peak memory per kind."""
     b = cfg.bench.cost
-    clip = cfg.trainer.get("gradient_clip_val")
     patch = original.mask_patch
     batch = int(methods["ours"].batch_size)
     train_batch = 2 * batch
     pool = _pool(cfg, data_dir, {"retain": ["retain_train"], "forget": ["forget_train"]}, batch, b.pool, patch, device)
     train_pool = [{"train": {k: torch.cat([x["retain"][k], x["forget"][k]]) for k in ("image", "mask")}}
                   for x in pool]
-    amp = lambda: autocast(cfg, device)  # noqa: E731
-
-    model = copy.deepcopy(original).to(device).train()
-    model.train_cfg["steps"] = 10**6
-    opt = model.configure_optimizers()["optimizer"]
-    runners = {"train": _Runner(list(model.parameters()), lambda x: model.task_loss(x["train"]["image"],
-                                                                                   x["train"]["mask"]),
-                                train_pool, train_batch, clip, opt, amp)}
+    model = copy.deepcopy(original).train()
+    model.train_cfg["steps"] = 10**6  # the schedule stays at its peak lr
+    runners = {"train": _Fits(cfg, model, train_pool, train_batch, device)}
     recipe_batch, bench_batch = int(cfg.model.train.batch_size), cfg.bench.original.get("batch_size")
     if bench_batch and int(bench_batch) != recipe_batch:  # the bench original's steps are not the recipe's:
         # time the recipe's step too, which retraining is extrapolated in (2)
-        runners["train[recipe batch]"] = _Runner(list(model.parameters()), runners["train"].loss_fn,
-                                                 _widen(train_pool, recipe_batch), recipe_batch, clip, opt, amp)
+        runners["train[recipe batch]"] = _Fits(cfg, model, _widen(train_pool, recipe_batch), recipe_batch, device)
     stateless = original.sample_state(pool[0]["retain"]["image"][:1], pool[0]["retain"]["mask"][:1]) is None
     fixed_pool = _fixed(pool, eval_mask(cfg.task, original.image_size, patch)) if stateless else None
     kinds = {name: (method, {}, False) for name, method in methods.items()}
@@ -110,22 +108,16 @@ def measure(cfg: DictConfig, data_dir, original: Family, methods: dict[str, Unle
         kinds[name] = (methods["ours"], over, fixed)
     modules = {}
     for name, (method, over, fixed) in kinds.items():
-        module = modules[name] = UnlearnModule(original, method, **{**perf, **over}).to(device)
-        module.train()
-        params = [p for p in module.student.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=method.lr, weight_decay=method.weight_decay)
-
-        def loss_fn(x, module=module, method=method):
-            forget = x["forget"] if method.needs_forget else None
-            return method.loss(module.student, module.frozen, forget, x["retain"])["loss"]
-
-        images = batch * (2 if method.needs_forget else 1)
-        runners[name] = _Runner(params, loss_fn, fixed_pool if fixed else pool, images, clip, opt, amp)
-    times = interleaved_medians(runners, device, warmup=b.warmup, repeats=b.repeats, steps=b.steps)
+        module = modules[name] = UnlearnModule(original, method, **{**perf, **over})
+        batches = fixed_pool if fixed else pool
+        if not method.needs_forget:
+            batches = [{"retain": x["retain"]} for x in batches]
+        runners[name] = _Fits(cfg, module, batches, batch * (2 if method.needs_forget else 1), device)
+    times = interleaved_medians(runners, warmup=b.warmup, repeats=b.repeats, steps=b.steps)
     memory = {}
     for name, run in runners.items():
         with PeakMemory(device) as peak:
-            run()
+            run(1)
         memory[name] = peak.mib
     train_per_image = times["train"]["median_s"] / train_batch
     out = {"batch_size": batch, "train_batch": train_batch, "kinds": {}, "memory_method": peak.method,

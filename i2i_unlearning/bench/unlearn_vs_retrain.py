@@ -2,7 +2,8 @@
 retain classes with the original's recipe.
 
 * Unlearning: ``ours`` (the family's method config) from the bench's original model, through
-  ``UnlearnModule`` on the real shard loader, timed step by step (loading included); every
+  ``UnlearnModule`` on the real shard loader with the runner's Trainer, timed step by step (loading
+  included) by a callback; every
   ``check_every`` steps the student restores ``eval_images`` held-out images per split and the
   criterion is checked: forget FID >= ``forget_fid_x`` x the original's and retain FID <=
   ``retain_fid_x`` x the original's (the MAE demo's bounds). Check time is reported apart.
@@ -24,6 +25,7 @@ import json
 import math
 import time
 
+import lightning as L
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -31,8 +33,9 @@ from omegaconf import DictConfig
 from .. import runner
 from ..families.base import Family
 from ..metrics.evaluate import SplitScorer
+from ..training import make_trainer
 from ..unlearning.module import UnlearnModule
-from .common import autocast, ratio, sync, to_device
+from .common import ratio, sync
 
 
 @torch.no_grad()
@@ -46,56 +49,64 @@ def split_fid(cfg: DictConfig, dm, net, model: Family, split: str, n: int, devic
     return float(scorer.compute()["fid"])
 
 
+class _Criterion(L.Callback):
+    """Every ``every`` steps (and at the last), the student restores the held-out images and the criterion is
+    checked; the Trainer stops once it holds. Step time is the wall clock between checks (loading included),
+    check time is kept apart."""
+
+    def __init__(self, every: int, max_steps: int, score, met, device) -> None:
+        self.every, self.max_steps, self.score, self.met, self.device = every, max_steps, score, met, device
+        self.step_s = self.check_s = 0.0
+        self.checks: list[dict] = []
+        self.met_at: int | None = None
+
+    def on_train_start(self, trainer, module) -> None:
+        sync(self.device)
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, *args) -> None:
+        sync(self.device)
+        now = time.perf_counter()
+        self.step_s += now - self._t
+        step = trainer.global_step
+        if step % self.every == 0 or step == self.max_steps:
+            module.student.eval()
+            fid = self.score(module.student)
+            module.student.train()
+            self.checks.append({"step": step, "unlearn_s": self.step_s, **fid})
+            if self.met(fid):
+                self.met_at = step
+                trainer.should_stop = True
+            self.check_s += time.perf_counter() - now
+        self._t = time.perf_counter()
+
+
 def unlearn_to_criterion(cfg: DictConfig, data_dir, original: Family, net, device, perf: dict) -> dict:
+    """``ours`` from the bench original through the runner's Trainer until the criterion holds (or the cap)."""
     b = cfg.bench.unlearn
     method = instantiate(cfg.method)
     n, max_steps, every = int(b.eval_images), int(b.max_steps), int(b.check_every)
     eval_dm = runner.datamodule(cfg, data_dir, {"retain": ["retain_train"]}, 1, 1, cfg.seed, original.mask_patch)
     original = original.to(device).eval()
     base = {s: split_fid(cfg, eval_dm, net, original, s, n, device) for s in ("forget", "retain")}
-    module = UnlearnModule(original, method, **perf).to(device)
-    module.train()
-    params = [p for p in module.student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=method.lr, weight_decay=method.weight_decay)
-    clip = cfg.trainer.get("gradient_clip_val")
+
+    def score(student: Family) -> dict:
+        fid = {s: split_fid(cfg, eval_dm, net, student, s, n, device) for s in ("forget", "retain")}
+        return {"forget_fid": fid["forget"], "retain_fid": fid["retain"],
+                "forget_fid_x": fid["forget"] / base["forget"], "retain_fid_x": fid["retain"] / base["retain"]}
+
+    criterion = _Criterion(every, max_steps, score, device=device,
+                           met=lambda f: f["forget_fid_x"] >= b.forget_fid_x and f["retain_fid_x"] <= b.retain_fid_x)
     streams = {"retain": [method.retain_split], "forget": ["forget_train"]}
     dm = runner.datamodule(cfg, data_dir, streams, method.batch_size, max_steps, cfg.seed, original.mask_patch)
-    it = iter(dm.train_dataloader())
-    step_s = check_s = 0.0
-    checks, met_at = [], None
-    for step in range(1, max_steps + 1):
-        sync(device)
-        t0 = time.perf_counter()
-        batch, _, _ = next(it)
-        batch = {k: to_device(v, device) for k, v in batch.items()}
-        with autocast(cfg, device):
-            loss = method.loss(module.student, module.frozen, batch["forget"], batch["retain"])["loss"]
-        loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(params, clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync(device)
-        step_s += time.perf_counter() - t0
-        if step % every and step != max_steps:
-            continue
-        t1 = time.perf_counter()
-        module.student.eval()
-        fid = {s: split_fid(cfg, eval_dm, net, module.student, s, n, device) for s in ("forget", "retain")}
-        module.student.train()
-        check_s += time.perf_counter() - t1
-        fx, rx = fid["forget"] / base["forget"], fid["retain"] / base["retain"]
-        checks.append({"step": step, "unlearn_s": step_s, "forget_fid": fid["forget"], "retain_fid": fid["retain"],
-                       "forget_fid_x": fx, "retain_fid_x": rx})
-        if fx >= b.forget_fid_x and rx <= b.retain_fid_x:
-            met_at = step
-            break
+    make_trainer(cfg, max_steps, callbacks=[criterion]).fit(UnlearnModule(original, method, **perf), dm)
+    met_at = criterion.met_at
     return {"method": method.name, "batch_size": method.batch_size, "alpha": method.alpha, "lr": method.lr,
             "criterion": f"forget FID >= {b.forget_fid_x}x original's and retain FID <= {b.retain_fid_x}x, "
                          f"on {n} eval images per split, checked every {every} steps",
             "original_forget_fid": base["forget"], "original_retain_fid": base["retain"],
-            "criterion_met": met_at is not None, "steps": met_at or max_steps, "unlearn_s": step_s,
-            "check_s": check_s, "checks": checks}
+            "criterion_met": met_at is not None, "steps": met_at or max_steps, "unlearn_s": criterion.step_s,
+            "check_s": criterion.check_s, "checks": criterion.checks}
 
 
 def retrain_cost(cfg: DictConfig, recipe: dict, meta: dict, cached: bool, retain_sizes: dict,

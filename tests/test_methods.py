@@ -1,4 +1,4 @@
-"""Each method's loss does what docs/methods.md says, on a tiny MAE and fixed tensors."""
+"""Each method's loss does what docs/algorithms.md says, on a tiny MAE and fixed tensors."""
 
 import pytest
 import torch

@@ -21,7 +21,7 @@
 * Shared randomness: a training input depends on a timestep and a noise draw.
   ``sample_state`` draws both (a ``DiffusionState``); ``embed``, ``predict`` and ``task_loss``
   use the state they are given (a fresh one otherwise), so the methods can show student and
-  teacher the same timestep and noise (docs/methods.md: under the same mask and timestep).
+  teacher the same timestep and noise (docs/algorithms.md: under the same mask and timestep).
 * Targets: ``target_of(image)`` is the clean image x0 in [0, 1]; ``task_loss(target=y)``
   trains the pair (condition T(image), output y): x_t is built from y inside the hole (the
   known region stays the image's) and the loss is the noise MSE, so ``target=target_of(image)``

@@ -7,7 +7,7 @@ Each method is chosen by Hydra ``_target_`` (conf/method/*.yaml) and says:
   * its loss on a forget batch and a retain batch, given the student and the frozen
     original (the teacher).
 
-The formulas are in docs/methods.md. Batches are dicts with "image" and "mask" (and, from the
+The formulas are in docs/algorithms.md. Batches are dicts with "image" and "mask" (and, from the
 data module, "key": the items' ids, which the optional teacher cache uses).
 
 Frozen-teacher fast paths (``FrozenTeacher``): every teacher call runs under ``torch.inference_mode``
@@ -207,7 +207,7 @@ class UnlearningMethod:
         return list(student.encoder_parameters() if self.encoder_only else student.parameters())
 
     def noise_like(self, images: Tensor) -> Tensor:
-        """The noise image n of docs/methods.md (uniform, normal (moment-matched) or constant)."""
+        """The noise image n of docs/algorithms.md (uniform, normal (moment-matched) or constant)."""
         return noise_image(images, self.noise)
 
     def loss(self, student: Family, teacher: Family, forget: dict | None, retain: dict) -> dict[str, Tensor]:

@@ -14,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from .errors import DataError, Interrupted
 from .results import RunResult, write_result
 from .runs import config_hash, finished, run_dir, semantic_config
 
@@ -66,31 +67,56 @@ def _log_results(logger, run: Path, result: dict) -> None:
         logger.experiment.finish()
 
 
+def _multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def clear_stale_result(run: Path) -> None:
+    """A new attempt starts: a failed or interrupted metrics.json of an earlier one goes (the report then shows
+    the cell as incomplete until this attempt writes its own), so no row ever shows an older error."""
+    f = run / "metrics.json"
+    if f.exists():
+        f.unlink()
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
-    """Run one (family, method, data, seed) cell; skip it if an identical run already finished."""
+    """Run one (family, method, data, seed) cell; skip it if an identical run already finished.
+
+    A cell that fails records ``status: failed`` and its error (in a sweep the next cell runs); a signal
+    (SIGTERM, SIGINT, SIGUSR1) records ``status: interrupted`` with the stage and step, and the process exits
+    with 128 + the signal number, a sweep included."""
     from .runner import build_runner, check_size, write_config
+    from .training import stop_handlers
+    from .validation import check_config
 
     logging.basicConfig(level=logging.INFO, format="[i2iu] %(message)s", force=True)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no tips / device banners per stage
     check_size(cfg)
     chash = config_hash(cfg)
-    run = run_dir(cfg)
+    run = run_dir(cfg)  # checks the names that become its path first
     if finished(run, chash):
         log.info("%s: already finished, skipping (delete the dir to re-run)", run)
         return
     run.mkdir(parents=True, exist_ok=True)
+    clear_stale_result(run)
     write_config(cfg, run)
     logger = None
-    try:
-        logger = make_logger(cfg, run)
-        result = build_runner(cfg, run, chash, logger=logger).execute()
-    except Exception as exc:  # a failed cell is a row with its error, never a silent gap
-        write_result(run, RunResult.failed(cfg, chash, exc).to_json())
-        if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
-            raise
-        log.error("%s failed: %s: %s", run.name, type(exc).__name__, exc)
-        return
+    with stop_handlers():
+        try:
+            check_config(cfg)  # every value that can be wrong, before any data or model work
+            logger = make_logger(cfg, run)
+            result = build_runner(cfg, run, chash, logger=logger).execute()
+        except Interrupted as exc:  # the stage saved its checkpoint: a relaunch resumes from it
+            write_result(run, RunResult.interrupted(cfg, chash, exc).to_json())
+            log.error("%s interrupted: %s; relaunch the same command to resume", run.name, exc)
+            raise SystemExit(exc.exit_code) from None
+        except Exception as exc:  # a failed cell is a row with its error, never a silent gap
+            write_result(run, RunResult.failed(cfg, chash, exc).to_json())
+            if not _multirun():
+                raise
+            log.error("%s failed: %s: %s", run.name, type(exc).__name__, exc)
+            return
     write_result(run, result)
     _log_results(logger, run, result)
     m = result["metrics"]
@@ -128,7 +154,11 @@ def report_main(argv: list[str] | None = None) -> int:
     if not a.dir.is_dir():
         print(f"i2iu-report: {a.dir} is not a directory", file=sys.stderr)
         return 2
-    csv_path, md_path = write_summary(a.dir, a.out)
+    try:
+        csv_path, md_path = write_summary(a.dir, a.out)
+    except DataError as exc:  # nothing to report: say so, no traceback
+        print(f"i2iu-report: {exc}", file=sys.stderr)
+        return 1
     paper_md, paper_csv = write_paper_table(a.dir, a.out)
     written = [csv_path, md_path, paper_md, paper_csv, *write_grids(a.dir, a.out)]
     print(md_path.read_text())

@@ -30,6 +30,7 @@ from .hashing import stable_hash
 from .metrics.evaluate import BatchFeatures, InceptionScoreStream, fid_metric
 from .metrics.features import tensor_batches, train_feature_net
 from .runner import MODEL_META_KEYS, SINGLE_PROCESS_FP32, Runner
+from .runs import trainer_identity
 from .training import fitter
 from .unlearning.cascaded import GANContext, auc, forgotten_share, retain_stream
 
@@ -138,7 +139,8 @@ class GANRunner(Runner):
                  if k not in ("eval", "pretrained", *MODEL_META_KEYS)}
         return stable_hash({"source": [source.name, source.settings()], "image_size": self.manifest["image_size"],
                             "images": stable_hash(keys, 16), "kind": kind, "model": model,
-                            "precision": self.cfg.trainer.precision})
+                            "trainer": {k: v for k, v in trainer_identity(self.cfg).items()
+                                        if k != "gradient_clip_val"}})  # gan_fitter never clips
 
     def train_reference(self, model: DCGAN, kind: str, workdir: Path) -> dict:
         rec = self.cfg.model.train

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from .atomic import write_json
 
-STATUSES = ("ok", "failed")
+STATUSES = ("ok", "failed", "interrupted")  # the report adds "incomplete": config.yaml, no metrics.json
 
 
 @dataclass
@@ -49,6 +49,13 @@ class RunResult:
         return cls(family=cfg.model.name, method=cfg.method.name, dataset=cfg.data.name, seed=cfg.seed,
                    status="failed", config_hash=chash, error=f"{type(exc).__name__}: {exc}",
                    traceback=traceback.format_exc())
+
+    @classmethod
+    def interrupted(cls, cfg: DictConfig, chash: str, exc: BaseException) -> RunResult:
+        """The row of a run a signal stopped (``errors.Interrupted``): where it stopped; a relaunch resumes it."""
+        return cls(family=cfg.model.name, method=cfg.method.name, dataset=cfg.data.name, seed=cfg.seed,
+                   status="interrupted", config_hash=chash, error=f"interrupted by {exc}",
+                   extra={"stage": getattr(exc, "stage", None), "step": getattr(exc, "step", None)})
 
     def to_json(self) -> dict[str, Any]:
         """The metrics.json object: the fields, with ``extra`` at the top level and unset optionals dropped."""

@@ -9,10 +9,16 @@ Lightning restores weights, optimiser, scheduler, step counters and the data mod
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
+import os
+import pickle
 import random
 import shutil
+import signal
 import sys
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +28,14 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from .attempts import heartbeat
+from .errors import Interrupted, NonFiniteError
+from .weights import refused
+
 log = logging.getLogger("i2iu")
 LAST = "last.ckpt"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # SLURM sends SIGTERM, or SIGUSR1 before the limit
+_stop: dict[str, Any] = {"signum": None, "fitting": 0}
 
 
 def rng_states() -> dict[str, Any]:
@@ -66,12 +78,86 @@ class RngState(L.Callback):
             self._loaded = None
 
 
+def _on_stop_signal(signum: int, frame) -> None:
+    """Inside a training stage: note the signal, the stage stops after its step (`GracefulStop`); outside one, or
+    on a second signal: stop now."""
+    again = _stop["signum"] is not None
+    _stop["signum"] = signum
+    if not _stop["fitting"] or again:
+        raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def stop_handlers() -> Iterator[None]:
+    """While inside: SIGTERM, SIGINT and SIGUSR1 stop a run cleanly (`errors.Interrupted`), a training stage
+    first saving its checkpoint. Lightning's own SIGTERM handler, registered while it trains, calls this one
+    too. The previous handlers are put back on leaving."""
+    _stop["signum"] = None
+    previous = {signum: signal.signal(signum, _on_stop_signal) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _stop["signum"] = None
+
+
+class GracefulStop(L.Callback):
+    """After a stop signal: save ``last.ckpt`` (when the stage checkpoints) and raise `errors.Interrupted` with
+    the stage and step, at the end of the running step, so a relaunch resumes from exactly there."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _stop["fitting"] += 1
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            _stop["fitting"] = max(0, _stop["fitting"] - 1)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._stop_if_asked(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_if_asked(trainer, pl_module)  # a signal during the last step: stop before the next stage
+
+    @staticmethod
+    def _stop_if_asked(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        signum = _stop["signum"]
+        if signum is None:
+            return
+        for cb in trainer.checkpoint_callbacks:
+            if getattr(cb, "dirpath", None) and getattr(cb, "save_last", False):
+                path = Path(cb.dirpath) / LAST
+                tmp = path.with_name(f".{LAST}.{os.getpid()}.stop.tmp")
+                trainer.save_checkpoint(tmp)
+                if trainer.is_global_zero:
+                    os.replace(tmp, path)
+                log.warning("%s: stopping at step %d, checkpoint saved to %s", signal.Signals(signum).name,
+                            trainer.global_step, path)
+        raise Interrupted(signum, type(pl_module).__name__, trainer.global_step)
+
+
+class FiniteLoss(L.Callback):
+    """A training loss (the step's output or a logged metric) that is NaN or infinite stops the stage with
+    `errors.NonFiniteError` naming the stage and step, before a checkpoint of broken weights is written."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        values = {"loss": loss} if isinstance(loss, torch.Tensor) else {}
+        values.update({k: v for k, v in trainer.callback_metrics.items() if "loss" in k})
+        for name, value in values.items():
+            value = float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else float(value)
+            if not math.isfinite(value):
+                raise NonFiniteError(f"{type(pl_module).__name__} training: {name} is {value} at step "
+                                     f"{trainer.global_step}; lower the learning rate or the loss weights")
+        heartbeat()  # the stage clocks (attempts.py) record the time spent so far
+
+
 def make_trainer(cfg: DictConfig, max_steps: int = -1, logger=False, ckpt_dir: Path | None = None,
                  root: Path | None = None, **overrides) -> L.Trainer:
     """The Trainer of ``cfg.trainer`` for ``max_steps`` optimiser steps; with ``ckpt_dir`` it carries the
     ``cfg.callbacks`` (resume checkpoints written there). ``logger`` False (or None) logs nothing, and
     nothing is written outside ``root`` / ``ckpt_dir``."""
-    callbacks = []
+    callbacks: list[L.Callback] = [FiniteLoss(), GracefulStop()]
     if ckpt_dir is not None:
         for node in (cfg.get("callbacks") or {}).values():
             callbacks.append(instantiate(node, dirpath=str(ckpt_dir)) if "dirpath" in node else instantiate(node))
@@ -89,7 +175,13 @@ def fit_resumable(trainer: L.Trainer, module: L.LightningModule, data, ckpt_dir:
     resume = ckpt.is_file()
     if resume:
         log.info("resuming from %s", ckpt)
-    trainer.fit(module, data, ckpt_path=str(ckpt) if resume else None, weights_only=True)
+    try:  # weights_only explicitly: no environment variable (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD) can turn it off
+        trainer.fit(module, data, ckpt_path=str(ckpt) if resume else None, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not resume:
+            raise
+        raise refused(ckpt, exc, "Delete it to restart this stage from its beginning (relaunching then "
+                                 "re-creates it).") from None
     if trainer.is_global_zero:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
 

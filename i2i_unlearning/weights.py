@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from i2i_unlearning.errors import ConfigError
+from i2i_unlearning.errors import ConfigError, UnsafeFileError
 
 WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict", "net")
 DIFFUSERS_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "model.safetensors")
@@ -39,6 +39,23 @@ def _culprit(exc: Exception) -> str:
     """The line of torch's weights-only error that names what the pickle asked for (e.g. posix.system)."""
     lines = [ln.strip() for ln in str(exc).splitlines() if "Unsupported" in ln or "GLOBAL" in ln]
     return f"The pickle asks for: {lines[0]}" if lines else ""
+
+
+def refused(path: str | Path, exc: Exception, remedy: str) -> UnsafeFileError:
+    """The project's error for a file ``torch.load(weights_only=True)`` refused: which file, why, what to do."""
+    return UnsafeFileError(
+        f"{path}: refused to load. The file is a pickle that holds more than tensors and plain data (loading it "
+        f"could run code), so it was not loaded. {remedy} {_culprit(exc)}".rstrip()
+    )
+
+
+def load_trusted(path: str | Path, remedy: str):
+    """``torch.load(path, weights_only=True)`` on CPU (explicitly, so no environment variable can turn it off);
+    a refused file raises `UnsafeFileError` naming it, with ``remedy`` (what to do)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise refused(path, exc, remedy) from None
 
 
 def _is_state_dict(obj) -> bool:

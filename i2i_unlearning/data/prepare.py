@@ -21,6 +21,7 @@ from i2i_unlearning.data.shards import ShardWriter, write_shards
 from i2i_unlearning.data.sources import ImageSource
 from i2i_unlearning.errors import ConfigError, DataError
 from i2i_unlearning.hashing import stable_hash
+from i2i_unlearning.names import check_name
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +250,30 @@ def _is_current(data_dir: Path, hash12: str) -> bool:
         return False
 
 
+def check_split_config(
+    source: ImageSource, forget_classes: list[str] | None, retain_classes: list[str] | None,
+    proxy_classes: list[str] | None = None, image_size: int = 32, train_per_class: int | None = None,
+    eval_per_class: int | None = None, shard_size: int = 2000, seed: int = 0, forget_kind: str = "class",
+    forget_items: Sequence[int] | None = None, forget_item_count: int | None = None,
+    proxy_per_class: int | None = None, proxy_eval_per_class: int | None = None,
+    num_forget_classes: int | None = None, num_retain_classes: int | None = None, class_seed: int = 0,
+    workers: int = 0,
+) -> tuple[dict | None, dict[str, list[str]], dict | None]:
+    """Validate `prepare`'s settings against the source's class list, without loading an image or making a
+    directory; returns (item settings or None, the class lists in source order, the class draw or None)."""
+    items = _check_item_settings(forget_kind, forget_classes, forget_items, forget_item_count)
+    draw = None
+    if items is None:
+        forget_classes, retain_classes, draw = draw_classes(
+            source, forget_classes, retain_classes, num_forget_classes, num_retain_classes, class_seed)
+        classes = _resolve_classes(source, forget_classes, retain_classes, proxy_classes)
+    else:  # item unlearning: every named class is retained, the forget set is a set of its images
+        classes = _resolve_classes(source, [], retain_classes, proxy_classes, allow_empty_forget=True)
+    proxy_caps = {"proxy_per_class": proxy_per_class, "proxy_eval_per_class": proxy_eval_per_class}
+    _check_sizes(source, image_size, train_per_class, eval_per_class, shard_size, seed, proxy_caps)
+    return items, classes, draw
+
+
 def prepare(
     source: ImageSource,
     out_root: str | Path,
@@ -283,16 +308,11 @@ def prepare(
     ``train_per_class`` / ``eval_per_class``; 0: empty). Image-folder sources (those with ``index``) are
     streamed: only the selected files are decoded, by ``workers`` processes (never part of the hash).
     """
-    items = _check_item_settings(forget_kind, forget_classes, forget_items, forget_item_count)
-    draw = None
-    if items is None:
-        forget_classes, retain_classes, draw = draw_classes(
-            source, forget_classes, retain_classes, num_forget_classes, num_retain_classes, class_seed)
-        classes = _resolve_classes(source, forget_classes, retain_classes, proxy_classes)
-    else:  # item unlearning: every named class is retained, the forget set is a set of its images
-        classes = _resolve_classes(source, [], retain_classes, proxy_classes, allow_empty_forget=True)
+    items, classes, draw = check_split_config(
+        source, forget_classes, retain_classes, proxy_classes, image_size, train_per_class, eval_per_class,
+        shard_size, seed, forget_kind, forget_items, forget_item_count, proxy_per_class, proxy_eval_per_class,
+        num_forget_classes, num_retain_classes, class_seed, workers)
     proxy_caps = {"proxy_per_class": proxy_per_class, "proxy_eval_per_class": proxy_eval_per_class}
-    _check_sizes(source, image_size, train_per_class, eval_per_class, shard_size, seed, proxy_caps)
     config = {
         "format": FORMAT_VERSION,
         "source": {"name": source.name, **source.settings()},
@@ -307,6 +327,7 @@ def prepare(
         config["forget_items"] = items
     config.update({k: v for k, v in proxy_caps.items() if v is not None})  # new settings: only when set
     hash12 = stable_hash(config)
+    check_name(source.name, "data.source.name")  # a path component of the data dir
     out_root = Path(out_root)
     data_dir = out_root / f"{source.name}-{hash12}"
     if data_dir.exists():

@@ -252,7 +252,10 @@ class VQGAN(Family):
             return {"tokenizer": "pretrained", **self._tokenizer_quality(vq.to(device).eval(), ctx, device),
                     "tokenizer_tensors": info["tensors"]}
         if weights.exists() and record.exists():
-            self.tokenizer.load_state_dict(torch.load(weights, weights_only=True))
+            from ..weights import load_trusted
+
+            self.tokenizer.load_state_dict(load_trusted(
+                weights, f"Delete it and {record.name} beside it: the tokenizer is trained again on the next run."))
             return json.loads(record.read_text())["metrics"]
         cfg = self.train_cfg
         steps, lr = int(cfg.get("tokenizer_steps", 300)), float(cfg.get("tokenizer_lr", 2e-3))

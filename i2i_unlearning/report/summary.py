@@ -14,6 +14,7 @@ import pandas as pd
 
 from i2i_unlearning.atomic import write_atomic
 from i2i_unlearning.errors import DataError
+from i2i_unlearning.results import STATUSES
 
 CORE_COLUMNS = (
     "family",
@@ -129,6 +130,44 @@ def _read_run(path: Path, root: Path) -> dict[str, Any]:
     return row
 
 
+def last_step(run: Path) -> int | None:
+    """The step of the run's resume checkpoint (``resume/last.ckpt``), None without one (or unreadable)."""
+    ckpt = run / "resume" / "last.ckpt"
+    if not ckpt.is_file():
+        return None
+    try:
+        import torch
+
+        return int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    except Exception:  # a half-written or foreign file: the row says no step
+        return None
+
+
+def _incomplete_runs(root: Path) -> list[dict[str, Any]]:
+    """A row per run dir below ``root`` with a config.yaml and no metrics.json (started, never finished):
+    status incomplete, its identity from the config, the step of its last checkpoint."""
+    from omegaconf import OmegaConf
+
+    rows = []
+    for path in sorted(root.rglob("config.yaml")):
+        run = path.parent
+        rel = run.relative_to(root)
+        if (run / "metrics.json").exists() or any(part.startswith(".") for part in rel.parts):
+            continue  # finished, or Hydra's own copy (.hydra/)
+        try:
+            cfg = OmegaConf.load(path)
+            ident = {"family": cfg.model.name, "method": cfg.method.name, "dataset": cfg.data.name,
+                     "seed": cfg.seed}
+        except Exception as exc:
+            rows.append({"status": "incomplete", "error": f"unreadable {path}: {exc}", "run_dir": rel.as_posix()})
+            continue
+        step = last_step(run)
+        where = f"last checkpoint at step {step}" if step is not None else "no checkpoint"
+        rows.append({**ident, "status": "incomplete", "last_step": step, "run_dir": rel.as_posix() or ".",
+                     "error": f"no metrics.json: started, not finished ({where}); relaunch to resume"})
+    return rows
+
+
 def columns(rows: Iterable[dict[str, Any]]) -> list[str]:
     """The CSV header: the core columns, every other key sorted, then error and run_dir."""
     fixed = set(CORE_COLUMNS) | set(LAST_COLUMNS)
@@ -180,9 +219,11 @@ def sort_key(column: pd.Series) -> pd.Series:
 
 def collect_frame(root: Path) -> pd.DataFrame:
     """One row per metrics.json below `root` (summary.csv's columns), sorted by family, method (reference order),
-    dataset, seed. A corrupt or incomplete metrics.json is a row with status=failed and an error naming the file."""
+    dataset, seed. A corrupt or incomplete metrics.json is a row with status=failed and an error naming the file;
+    a run dir with a config.yaml but no metrics.json is a row with status=incomplete (`_incomplete_runs`)."""
     root = Path(root)
-    frame = frame_of([_read_run(path, root) for path in sorted(root.rglob("metrics.json"))])
+    rows = [_read_run(path, root) for path in sorted(root.rglob("metrics.json"))]
+    frame = frame_of(rows + _incomplete_runs(root) if rows else [])
     return frame.sort_values(["family", "method", "dataset", "seed", "run_dir"], key=sort_key, ignore_index=True)
 
 
@@ -359,10 +400,12 @@ def format_markdown(rows: list[dict[str, Any]]) -> str:
         for run_dir, error in frame.loc[frame["status"].ne("ok"), ["run_dir", "error"]].itertuples(index=False)
     ]
     parts = ["# Summary", "", format_table(rows), "", *legend]
+    counts = frame["status"].value_counts()
+    parts += ["", "Runs: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in (*STATUSES, "incomplete"))]
     if audits:
         parts += ["", "## Audits and distance to retrain (closest to retrain first)", "", audits, "", *audit_legend]
     if failed:
-        parts += ["", "## Failed runs", "", *failed]
+        parts += ["", "## Runs that did not finish (failed, interrupted, incomplete)", "", *failed]
     return "\n".join(parts) + "\n"
 
 

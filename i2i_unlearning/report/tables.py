@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from i2i_unlearning.atomic import write_text
 from i2i_unlearning.errors import DataError
+from i2i_unlearning.names import safe_label
 from i2i_unlearning.report.summary import (
     MD_METRICS,
     collect_frame,
@@ -77,7 +78,7 @@ def group_label(group: Group, groups: Iterable[Group]) -> str:
     """File-name label `<family>_<dataset>`, plus `_<task>` when that family and dataset ran several tasks."""
     family, dataset, task = group
     tasks = {g[2] for g in groups if g[:2] == (family, dataset)}
-    return f"{family}_{dataset}" + (f"_{task}" if len(tasks) > 1 else "")
+    return safe_label(f"{family}_{dataset}" + (f"_{task}" if len(tasks) > 1 else ""))  # read from metrics.json
 
 
 def _seed_key(seed: Any) -> tuple:

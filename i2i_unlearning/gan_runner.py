@@ -29,6 +29,7 @@ from .families.gan import DCGAN, BatchStream
 from .hashing import stable_hash
 from .metrics.evaluate import BatchFeatures, InceptionScoreStream, fid_metric
 from .metrics.features import tensor_batches, train_feature_net
+from .report.figures import save_grid
 from .runner import MODEL_META_KEYS, SINGLE_PROCESS_FP32, Runner
 from .runs import trainer_identity
 from .training import fitter
@@ -75,7 +76,7 @@ def classifier(net):
 def sample_scores(net, samples: torch.Tensor, reference: torch.Tensor, is_splits: int) -> dict:
     """FID of ``samples`` against ``reference`` images and IS of ``samples`` (the default feature net)."""
     features = BatchFeatures(net)
-    fid, inception = fid_metric(features), InceptionScoreStream(is_splits)
+    fid, inception = fid_metric(features), InceptionScoreStream(features.num_classes(), is_splits)
     for i in range(0, len(reference), 512):
         fid.update(reference[i:i + 512], real=True)
     for i in range(0, len(samples), 512):
@@ -208,9 +209,11 @@ class GANRunner(Runner):
         metrics["retrain_s"] = self.refs["retrain"][1]["train_s"]
         if self.method.trains:
             metrics["speedup"] = metrics["retrain_s"] / max(unlearn_s, 1e-9)
+        save_grid(self.run_dir / "grid.png", self.grid(model))
         return super().write(model, unlearn_s, metrics, floors, info)
 
     def grid(self, model: DCGAN) -> dict[str, torch.Tensor]:
+        """Samples of the original and the unlearned generator from the same latent codes."""
         k = self.cfg.metrics.grid_images
 
         def z() -> torch.Generator:  # the same latent codes before and after

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,9 @@ import lightning as L
 import numpy as np
 import torch
 from hydra.utils import get_class, instantiate
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from . import distributed
 from .atomic import torch_save, write_atomic, write_json, write_text
 from .data.datamodule import ForgetRetainDataModule
 from .data.prepare import config_kwargs, prepare
@@ -33,7 +34,7 @@ from .hashing import stable_hash
 from .metrics.evaluate import SplitScorer
 from .metrics.features import load_or_train_feature_net, tensor_batches
 from .metrics.models import check_metrics_config, feature_models
-from .metrics.restoration import evaluate_on
+from .metrics.restoration import RestorationEvaluation, logged_scores
 from .report.figures import save_grid
 from .results import RunResult
 from .training import fit_resumable, fitter, make_trainer
@@ -48,6 +49,9 @@ MODEL_META_KEYS = ("runner", "size", "sizes")  # model config keys the runner re
 # recipe in one process, in fp32 and unclipped, whatever the trainer config says
 SINGLE_PROCESS_FP32 = {"strategy": "auto", "devices": 1, "num_nodes": 1, "precision": "32-true",
                        "gradient_clip_val": None}
+# evaluation: each rank reads its own share of the eval plan (no sampler); scores in float32 whatever the recipe;
+# no_grad rather than inference_mode (the feature pass is shared by tensor version, which inference tensors lack)
+EVAL_SETTINGS = {"use_distributed_sampler": False, "precision": "32-true", "inference_mode": False}
 
 
 # ---- config -----------------------------------------------------------------------------------
@@ -132,7 +136,7 @@ class Runner:
     Shared here: the config check, data preparation, the scoring networks, the cached reference models
     (original loaded from ``model.pretrained`` or trained, retrain trained; both with the same recipe and
     resumable), and writing the run dir. A variant implements `accepts`, `reference_key`,
-    `train_reference`, `unlearn`, `evaluate` and `grid`.
+    `train_reference`, `unlearn` and `evaluate` (which writes the run's grid.png).
     """
 
     def __init__(self, cfg: DictConfig, run_dir: Path, chash: str, logger=None):
@@ -218,7 +222,7 @@ class Runner:
         t0 = time.perf_counter()
         meta = self.train_reference(model, kind, path.with_suffix(""))
         meta = {"kind": kind, "train_s": time.perf_counter() - t0, **meta}
-        if distributed.world()[0] == 0:
+        if rank_zero_only.rank == 0:
             torch_save(path, model.state_dict())
             write_json(meta_path, meta)
         return model.eval(), meta
@@ -249,14 +253,9 @@ class Runner:
         """(metrics, floors, more to record): the variant's scores of ``model``."""
         raise NotImplementedError
 
-    def grid(self, model) -> dict[str, torch.Tensor]:
-        """Rows of the run's image grid (name -> images)."""
-        raise NotImplementedError
-
     # -- write
     def write(self, model, unlearn_s: float, metrics: dict, floors: dict, info: dict) -> dict:
-        """grid.png and checkpoint.pt into the run dir; returns the metrics.json content."""
-        save_grid(self.run_dir / "grid.png", self.grid(model))
+        """checkpoint.pt into the run dir; returns the metrics.json content."""
         torch_save(self.run_dir / "checkpoint.pt", model.state_dict())
         original_meta = self.refs["original"][1]
         return RunResult(
@@ -360,18 +359,29 @@ class I2IRunner(Runner):
 
     def evaluate(self, model: Family) -> tuple[dict, dict, dict]:
         cfg, (net, embed_net, _) = self.cfg, self.nets
-        metrics, floors, self._grid, embeddings = distributed.launch(
-            cfg.trainer, evaluate_on, cfg, self.eval_dm, model, self.refs["original"][0], net, embed_net)
-        if embeddings:
-            def save_npz(tmp: Path) -> None:
-                with tmp.open("wb") as f:
-                    np.savez(f, **embeddings)
-
-            write_atomic(self.run_dir / "embeddings.npz", save_npz)
+        metrics, floors = run_evaluation(cfg, self.eval_dm, model, self.refs["original"][0], net, embed_net,
+                                         root=self.run_dir, artefacts=partial(write_eval_artefacts, self.run_dir))
         return metrics, floors, {"task": cfg.task}
 
-    def grid(self, model: Family) -> dict[str, torch.Tensor]:
-        return self._grid
+
+def run_evaluation(cfg: DictConfig, dm: ForgetRetainDataModule, model: Family, original: Family, net,
+                   embed_net=None, root: Path | None = None, artefacts=None, **trainer) -> tuple[dict, dict]:
+    """(metrics, floors) of ``model``: ``trainer.test`` of `RestorationEvaluation` with the Trainer of
+    ``cfg`` (``trainer`` replaces its settings); ``artefacts(grid, embeddings)`` is called on rank 0."""
+    module = RestorationEvaluation(cfg, dm, model, original, net, embed_net, artefacts=artefacts)
+    tester = make_trainer(cfg, logger=False, root=root, **{**EVAL_SETTINGS, **trainer})
+    return logged_scores(tester.test(module, verbose=False))
+
+
+def write_eval_artefacts(run_dir: Path, grid: dict[str, torch.Tensor], embeddings: dict) -> None:
+    """grid.png and, when there are any, the t-SNE embeddings.npz of an evaluation (called on rank 0)."""
+    save_grid(run_dir / "grid.png", grid)
+    if embeddings:
+        def save_npz(tmp: Path) -> None:
+            with tmp.open("wb") as f:
+                np.savez(f, **embeddings)
+
+        write_atomic(run_dir / "embeddings.npz", save_npz)
 
 
 def write_config(cfg: DictConfig, run: Path) -> None:

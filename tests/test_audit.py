@@ -146,7 +146,7 @@ def test_gaussian_kl_matches_the_closed_form():
 
 def test_kl_of_identical_sets_is_zero_and_of_sampled_gaussians_matches_the_truth():
     x = torch.randn(500, 16, generator=gen(0))
-    same = PairedMoments()
+    same = PairedMoments(16)
     same.update(x, x.clone())
     assert same.kl(dims=None) == pytest.approx(0.0, abs=1e-9)
     assert same.kl() == pytest.approx(0.0, abs=1e-9)
@@ -159,7 +159,7 @@ def test_kl_of_identical_sets_is_zero_and_of_sampled_gaussians_matches_the_truth
     p = MultivariateNormal(mp, cp).sample((n,))
     q = MultivariateNormal(mq, cq).sample((n,))
     truth = float(kl_divergence(MultivariateNormal(mp, cp), MultivariateNormal(mq, cq)))
-    moments = PairedMoments()
+    moments = PairedMoments(3)
     for i in range(0, n, 777):  # streaming, uneven batches
         moments.update(p[i:i + 777], q[i:i + 777])
     assert moments.kl(dims=None) == pytest.approx(truth, rel=0.03)
@@ -171,7 +171,7 @@ def test_gaussian_mi_matches_the_analytic_value_on_correlated_gaussians():
     """d = 4, rho = 0.6: I = 0.893 nats. Tolerance 0.05 nats for 20k pairs (the estimator's bias is about
     d^2 / 2n = 0.0004, its sampling sd about 0.01)."""
     x, y, truth = correlated(20_000, 4, 0.6, seed=0)
-    moments = PairedMoments()
+    moments = PairedMoments(4)
     moments.update(x, y)
     assert moments.mi(dims=None) == pytest.approx(truth, abs=0.05)
     rho = canonical_correlations(moments.cov("xx"), moments.cov("yy"), moments.cov("xy"))
@@ -182,7 +182,7 @@ def test_gaussian_mi_matches_the_analytic_value_on_correlated_gaussians():
     logdet = 0.5 * (torch.logdet(moments.cov("xx")) + torch.logdet(moments.cov("yy")) - torch.logdet(joint))
     assert gaussian_mi(moments.cov("xx"), moments.cov("yy"), moments.cov("xy")) == pytest.approx(float(logdet))
 
-    independent = PairedMoments()
+    independent = PairedMoments(4)
     independent.update(x, torch.randn(x.shape, generator=gen(9), dtype=torch.float64))
     assert independent.mi(dims=None) < 0.01
 
@@ -194,7 +194,7 @@ def test_mi_in_principal_directions_finds_the_correlated_subspace():
     g = gen(2)
     rotation = torch.linalg.qr(torch.randn(16, 16, generator=g, dtype=torch.float64)).Q
     pad = lambda a: torch.cat([a, 0.05 * torch.randn(len(a), 12, generator=g, dtype=torch.float64)], 1)  # noqa: E731
-    moments = PairedMoments()
+    moments = PairedMoments(16)
     moments.update(pad(x) @ rotation, pad(y) @ rotation)
     assert moments.mi(dims=4) == pytest.approx(truth, abs=0.05)
     assert moments.kl(dims=4) < 0.01  # x and y have one distribution
@@ -205,30 +205,30 @@ def test_infonce_is_a_lower_bound_near_the_analytic_value():
     and for d = 4, rho = 0.6 (I = 0.893) at least 60 % of I. For independent pairs it is slightly negative
     (a valid bound on I = 0: even the flattest critic, t = 1, pays the variance of cos in 4-d)."""
     x, y, truth = correlated(4096, 4, 0.6, seed=3)
-    bound = InfoNCE()
+    bound = InfoNCE(4)
     for i in range(0, len(x), 300):  # uneven updates: chunks do not follow the eval batches
         bound.update(x[i:i + 300], y[i:i + 300])
     value = bound.compute()
     assert 0.6 * truth <= value <= truth + 0.05
-    whole = InfoNCE()
+    whole = InfoNCE(4)
     whole.update(x, y)
     assert whole.compute() == pytest.approx(value, rel=1e-9)
 
-    independent = InfoNCE()
+    independent = InfoNCE(4)
     independent.update(x, torch.randn(x.shape, generator=gen(4), dtype=torch.float64))
     assert -0.2 < independent.compute() < 0.05
 
-    identical = InfoNCE()
+    identical = InfoNCE(4)
     identical.update(x, x.clone())
     assert identical.compute() <= math.log(128) + 1e-9
 
 
 def test_tiny_sets_fail_with_a_clear_error():
-    one = PairedMoments()
+    one = PairedMoments(3)
     one.update(torch.zeros(1, 3), torch.zeros(1, 3))
     with pytest.raises(DataError, match=">= 2 pairs"):
         one.kl()
-    nce = InfoNCE()
+    nce = InfoNCE(3)
     nce.update(torch.zeros(1, 3), torch.zeros(1, 3))
     with pytest.raises(DataError, match=">= 2 pairs"):
         nce.compute()

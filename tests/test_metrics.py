@@ -65,7 +65,7 @@ def trained(data, tmp_path_factory):
 def score(net, outputs, truth, labels, batch_size, is_splits=4):
     scorer = SplitScorer(net, is_splits=is_splits)
     for i in range(0, len(truth), batch_size):
-        scorer.update(outputs[i : i + batch_size], truth[i : i + batch_size], labels[i : i + batch_size])
+        scorer.score(outputs[i : i + batch_size], truth[i : i + batch_size], labels[i : i + batch_size])
     return scorer.compute()
 
 
@@ -170,6 +170,7 @@ def test_one_feature_pass_per_image_tensor(trained, data):
     _, (truth, labels) = data
     calls = []
     original = net.embed_with_logits
+    scorer = SplitScorer(net)  # probes the logits' width once, here
 
     def counting(x):
         calls.append(x.shape[0])
@@ -177,8 +178,7 @@ def test_one_feature_pass_per_image_tensor(trained, data):
 
     net.embed_with_logits = counting
     try:
-        scorer = SplitScorer(net)
-        scorer.update(truth[:16].clone(), truth[:16], labels[:16])
+        scorer.score(truth[:16].clone(), truth[:16], labels[:16])
     finally:
         del net.embed_with_logits
     assert calls == [16, 16]  # ground truth once, outputs once: FID, IS, cosine and accuracy share them
@@ -197,7 +197,7 @@ def test_scorer_rejects_bad_input(trained, data):
     _, (truth, labels) = data
     scorer = SplitScorer(net)
     with pytest.raises(ConfigError, match="ground truth"):
-        scorer.update(truth[:4], truth[:5], labels[:4])
+        scorer.score(truth[:4], truth[:5], labels[:4])
     with pytest.raises(DataError, match="at least 2"):
         scorer.compute()
     with pytest.raises(ConfigError, match="not a feature model"):

@@ -267,7 +267,7 @@ def test_inception_fid_runs_end_to_end(inception_file, tmp_path):
     outputs = (truth + 0.3 * torch.rand(6, 1, 32, 32, generator=gen)).clamp(0, 1)
     scorer = SplitScorer(net, is_splits=2)
     for i in (0, 3):
-        scorer.update(outputs[i:i + 3], truth[i:i + 3], torch.tensor([0, 1, 2]))
+        scorer.score(outputs[i:i + 3], truth[i:i + 3], torch.tensor([0, 1, 2]))
     scores = scorer.compute()
     assert scores["n"] == 6 and all(np.isfinite(scores[k]) for k in ("fid", "is", "cos", "class_acc"))
 

@@ -45,7 +45,7 @@ def split_fid(cfg: DictConfig, dm, net, model: Family, split: str, n: int, devic
     gen = torch.Generator().manual_seed(cfg.seed)
     for b in dm.eval_batches(f"{split}_eval", cfg.task, batch_size=cfg.metrics.eval_batch_size, limit=n):
         x, m = b["image"].to(device), b["mask"].to(device)
-        scorer.update(model.restore(x, m, generator=gen).cpu(), b["image"], b["label"])
+        scorer.score(model.restore(x, m, generator=gen).cpu(), b["image"], b["label"])
     return float(scorer.compute()["fid"])
 
 

@@ -284,7 +284,7 @@ class VQGAN(Family):
             n += len(recon)
             used[ids.flatten().unique().cpu()] = True
             if scorer is not None:
-                scorer.update(recon, b["image"], b["label"])
+                scorer.score(recon, b["image"], b["label"])
         metrics = {"tokenizer_psnr": total / max(n, 1), "tokenizer_codes_used": int(used.sum())}
         if scorer is not None:
             metrics["tokenizer_fid"] = float(scorer.compute()["fid"])

@@ -18,6 +18,8 @@ Pure functions and streaming accumulators, no model or data code:
   from a few hundred images would measure mostly the estimator.
 * `InfoNCE`: the InfoNCE lower bound on I(X; Y) over fixed-size chunks of pairs.
 
+`PairedMoments` and `InfoNCE` are torchmetrics Metrics whose states merge over DDP ranks.
+
 Every covariance gets a ridge of `RIDGE` times its mean variance (the KL: the mean over both sets),
 so rank-deficient feature sets (dead ReLU units, fewer samples than dimensions) stay finite.
 """
@@ -35,6 +37,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import Tensor
+from torchmetrics import Metric
 
 from i2i_unlearning.errors import ConfigError, DataError
 
@@ -176,46 +179,83 @@ def gaussian_mi(cov_x: Tensor, cov_y: Tensor, cov_xy: Tensor, ridge_x: float = 0
     return float(-0.5 * torch.log1p(-rho**2).sum())
 
 
-class PairedMoments:
-    """Streaming first and second moments of paired features (x_i, y_i), float64.
+def _stacked(*states: Tensor) -> list[Tensor]:
+    """States with a leading rank dimension: as they are after a DDP sync (``dist_reduce_fx=None`` stacks
+    the ranks' states), with one added on a single process."""
+    return list(states) if states[0].dim() > 0 else [s.unsqueeze(0) for s in states]
 
-    Memory is O(d^2) whatever the number of pairs; sums are taken around the first batch's means
-    (shifted data), so the covariances do not suffer cancellation.
+
+class PairedMoments(Metric):
+    """Streaming first and second moments of paired features (x_i, y_i), float64: a torchmetrics Metric.
+
+    Memory is O(d^2) whatever the number of pairs. Each rank takes its sums around its first batch's
+    means (shifted data, so the covariances do not suffer cancellation); after a DDP sync the ranks' sums
+    are moved onto one shift and added (the pairwise form of the streaming update), so the moments do not
+    depend on how the pairs were spread over ranks.
     """
 
-    def __init__(self) -> None:
-        self.n = 0
+    full_state_update = False
+
+    def __init__(self, dim_x: int, dim_y: int | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        dim_y = dim_x if dim_y is None else dim_y
+        f64 = torch.float64
+        self.add_state("n", torch.zeros((), dtype=torch.long), dist_reduce_fx=None)
+        for name, shape in (("shift_x", (dim_x,)), ("shift_y", (dim_y,)), ("sum_x", (dim_x,)), ("sum_y", (dim_y,)),
+                            ("xx", (dim_x, dim_x)), ("yy", (dim_y, dim_y)), ("xy", (dim_x, dim_y))):
+            self.add_state(name, torch.zeros(shape, dtype=f64), dist_reduce_fx=None)
 
     @torch.no_grad()
     def update(self, x: Tensor, y: Tensor) -> None:
         """Add (B, d) features `x` and their (B, e) partners `y`."""
         if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
             raise ConfigError(f"PairedMoments.update got {tuple(x.shape)} and {tuple(y.shape)}: need (B, d), (B, e)")
-        x, y = x.detach().double().cpu(), y.detach().double().cpu()
-        if self.n == 0:
-            self._shift = (x.mean(0), y.mean(0))
-            self._sum = [torch.zeros(x.shape[1], dtype=torch.float64), torch.zeros(y.shape[1], dtype=torch.float64)]
-            self._outer = {k: 0.0 for k in ("xx", "yy", "xy")}
-        x, y = x - self._shift[0], y - self._shift[1]
-        self._sum[0] += x.sum(0)
-        self._sum[1] += y.sum(0)
-        self._outer["xx"] = self._outer["xx"] + x.T @ x
-        self._outer["yy"] = self._outer["yy"] + y.T @ y
-        self._outer["xy"] = self._outer["xy"] + x.T @ y
+        if (x.shape[1], y.shape[1]) != (len(self.sum_x), len(self.sum_y)):
+            raise ConfigError(f"PairedMoments.update got widths {x.shape[1]}, {y.shape[1]}; it was made for "
+                              f"{len(self.sum_x)}, {len(self.sum_y)}")
+        x, y = x.detach().to(self.sum_x), y.detach().to(self.sum_y)
+        if int(self.n) == 0:
+            self.shift_x, self.shift_y = x.mean(0), y.mean(0)
+        x, y = x - self.shift_x, y - self.shift_y
+        self.sum_x += x.sum(0)
+        self.sum_y += y.sum(0)
+        self.xx += x.T @ x
+        self.yy += y.T @ y
+        self.xy += x.T @ y
         self.n += x.shape[0]
+
+    def _moments(self) -> tuple[int, dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+        """(n, shifts, sums, outer products) over all ranks, around the first non-empty rank's shift."""
+        n, cx, cy, sx, sy, xx, yy, xy = _stacked(self.n, self.shift_x, self.shift_y, self.sum_x, self.sum_y,
+                                                 self.xx, self.yy, self.xy)
+        if len(n) == 1:
+            outer = {"xx": xx[0], "yy": yy[0], "xy": xy[0]}
+            return int(n[0]), {"x": cx[0], "y": cy[0]}, {"x": sx[0], "y": sy[0]}, outer
+        ref = int((n > 0).long().argmax())
+        shift, total_n = {"x": cx[ref], "y": cy[ref]}, int(n.sum())
+        delta = {"x": cx - cx[ref], "y": cy - cy[ref]}  # per rank: its shift minus the common one
+        raw = {"x": sx, "y": sy}
+        nn = n.to(sx)[:, None]
+        sums = {k: (raw[k] + nn * delta[k]).sum(0) for k in "xy"}
+        outer = {}
+        for key, value in (("xx", xx), ("yy", yy), ("xy", xy)):
+            a, b = key
+            moved = value + torch.einsum("ri,rj->rij", raw[a], delta[b]) + torch.einsum("ri,rj->rij", delta[a], raw[b])
+            outer[key] = (moved + nn[:, :, None] * torch.einsum("ri,rj->rij", delta[a], delta[b])).sum(0)
+        return total_n, shift, sums, outer
 
     def mean(self, which: str) -> Tensor:
         """Mean of "x" or "y"."""
-        i = "xy".index(which)
-        return self._shift[i] + self._sum[i] / self.n
+        n, shift, sums, _ = self._moments()
+        return shift[which] + sums[which] / n
 
     def cov(self, which: str) -> Tensor:
         """Unbiased covariance "xx", "yy" or cross-covariance "xy" (x rows, y columns)."""
-        if self.n < 2:
-            raise DataError(f"covariances need >= 2 pairs; got {self.n}: enlarge the eval split")
-        a, b = ("xy".index(c) for c in which)
-        ma, mb = self._sum[a] / self.n, self._sum[b] / self.n
-        return (self._outer[which] - self.n * torch.outer(ma, mb)) / (self.n - 1)
+        n, _, sums, outer = self._moments()
+        if n < 2:
+            raise DataError(f"covariances need >= 2 pairs; got {n}: enlarge the eval split")
+        ma, mb = sums[which[0]] / n, sums[which[1]] / n
+        return (outer[which] - n * torch.outer(ma, mb)) / (n - 1)
 
     def projected(self, dims: int | None = PCA_DIMS) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """(mean x, mean y, cov xx, cov yy, cov xy) in the top `dims` principal directions of y
@@ -230,17 +270,21 @@ class PairedMoments:
 
     def kl(self, dims: int | None = PCA_DIMS) -> float:
         """KL(N_x || N_y) of the Gaussian fits of x and y, one ridge (from both) on both covariances."""
-        mx, my, cx, cy, _ = self.projected(dims)
+        mx, my, cx, cy, _ = (t.cpu() for t in self.projected(dims))
         return gaussian_kl(mx, cx, my, cy, ridge=_ridge(cx, cy))
 
     def mi(self, dims: int | None = PCA_DIMS) -> float:
         """Gaussian mutual information of x and y from their canonical correlations, each covariance ridged."""
-        _, _, cx, cy, cxy = self.projected(dims)
+        _, _, cx, cy, cxy = (t.cpu() for t in self.projected(dims))
         return gaussian_mi(cx, cy, cxy, _ridge(cx), _ridge(cy))
 
+    def compute(self) -> dict[str, float]:
+        """{"kl", "mi"} over every pair seen (on every rank)."""
+        return {"kl": self.kl(), "mi": self.mi()}
 
-class InfoNCE:
-    """Streaming InfoNCE lower bound on I(X; Y) in nats, over consecutive chunks of `batch` pairs.
+
+class InfoNCE(Metric):
+    """Streaming InfoNCE lower bound on I(X; Y) in nats, over consecutive chunks of `batch` pairs: a Metric.
 
     Per chunk of K pairs, with the cosine critic f(u, v) = cos(u - c, v - c) / t (c: the chunk's mean
     of y, a symmetric function of the y's, which keeps the bound valid), the bound is
@@ -248,46 +292,93 @@ class InfoNCE:
     temperature t in `temperatures` and the largest is reported (each is a lower bound; the max of a
     few carries a small selection bias). At most log K. A final partial chunk counts only when no full
     chunk exists, so the value does not depend on the eval batch size.
+
+    Chunks follow the pairs' positions in the whole stream (``index`` in `update`), not the batches, so
+    ranks that each see a contiguous run of positions split some chunks between them: each rank keeps its
+    first and its current chunk while they are partial (two slots, memory bounded), and `compute` joins
+    the ranks' partial chunks after the DDP sync.
     """
 
-    def __init__(self, batch: int = NCE_BATCH, temperatures: tuple[float, ...] = NCE_TEMPERATURES) -> None:
+    full_state_update = False
+
+    def __init__(self, dim: int, batch: int = NCE_BATCH, temperatures: tuple[float, ...] = NCE_TEMPERATURES,
+                 **kwargs) -> None:
+        super().__init__(**kwargs)
         if batch < 2 or not temperatures or min(temperatures) <= 0:
             raise ConfigError(f"InfoNCE(batch={batch}, temperatures={temperatures}): need batch >= 2, t > 0")
         self.batch, self.temperatures = batch, tuple(temperatures)
-        self._x: list[Tensor] = []
-        self._y: list[Tensor] = []
-        self._bound = torch.zeros(len(temperatures), dtype=torch.float64)
-        self._n = 0
+        self.add_state("bound", torch.zeros(len(temperatures), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        # slot 0: this rank's first chunk when it began mid-chunk; slot 1: the chunk being filled
+        self.add_state("pend_x", torch.zeros(2, batch, dim, dtype=torch.float64), dist_reduce_fx=None)
+        self.add_state("pend_y", torch.zeros(2, batch, dim, dtype=torch.float64), dist_reduce_fx=None)
+        self.add_state("pend_n", torch.zeros(2, dtype=torch.long), dist_reduce_fx=None)
+        self.add_state("pend_chunk", torch.full((2,), -1, dtype=torch.long), dist_reduce_fx=None)
+        self._next = 0  # the position of the next pair when `update` is given none
 
-    def _chunk(self, x: Tensor, y: Tensor) -> None:
+    def _bound(self, x: Tensor, y: Tensor) -> Tensor:
+        """(T,) sum over the chunk's anchors of log K - CE, per temperature."""
         c = y.mean(0, keepdim=True)
         sim = F.normalize(x - c, dim=1, eps=1e-12) @ F.normalize(y - c, dim=1, eps=1e-12).T
-        target = torch.arange(len(x))
-        for i, t in enumerate(self.temperatures):
-            ce = F.cross_entropy(sim / t, target, reduction="sum")
-            self._bound[i] += len(x) * math.log(len(x)) - ce
-        self._n += len(x)
+        target = torch.arange(len(x), device=x.device)
+        return torch.stack([len(x) * math.log(len(x)) - F.cross_entropy(sim / t, target, reduction="sum")
+                            for t in self.temperatures])
 
     @torch.no_grad()
-    def update(self, x: Tensor, y: Tensor) -> None:
-        """Add (B, d) features `x` and their (B, e) partners `y` (d = e)."""
-        if x.dim() != 2 or x.shape != y.shape:
-            raise ConfigError(f"InfoNCE.update got {tuple(x.shape)} and {tuple(y.shape)}: need two equal (B, d)")
-        self._x.append(x.detach().double().cpu())
-        self._y.append(y.detach().double().cpu())
-        xs, ys = torch.cat(self._x), torch.cat(self._y)
-        full = len(xs) // self.batch * self.batch
-        for start in range(0, full, self.batch):
-            self._chunk(xs[start:start + self.batch], ys[start:start + self.batch])
-        self._x, self._y = [xs[full:]], [ys[full:]]
+    def update(self, x: Tensor, y: Tensor, index: Tensor | None = None) -> None:
+        """Add (B, d) features `x` and their (B, d) partners `y`, at stream positions `index` ((B,), one
+        ascending run; by default the positions after the last update's)."""
+        if x.dim() != 2 or x.shape != y.shape or x.shape[1] != self.pend_x.shape[-1]:
+            raise ConfigError(f"InfoNCE.update got {tuple(x.shape)} and {tuple(y.shape)}: need two equal "
+                              f"(B, {self.pend_x.shape[-1]})")
+        start = self._next if index is None else int(index[0])
+        if index is not None and not torch.equal(index.cpu(), torch.arange(start, start + len(x))):
+            raise ConfigError("InfoNCE.update: the positions of a batch must be one ascending run")
+        self._next = start + len(x)
+        x, y = x.detach().to(self.pend_x), y.detach().to(self.pend_y)
+        done = 0
+        while done < len(x):
+            pos = start + done
+            take = min(len(x) - done, self.batch - pos % self.batch)
+            self._fill(pos // self.batch, x[done:done + take], y[done:done + take])
+            done += take
+
+    def _fill(self, chunk: int, x: Tensor, y: Tensor) -> None:
+        if int(self.pend_n[1]) and int(self.pend_chunk[1]) != chunk:  # the open chunk ended partial
+            if int(self.pend_n[0]):
+                raise ConfigError("InfoNCE.update: positions must follow each other without gaps on a rank")
+            for state in (self.pend_x, self.pend_y, self.pend_n, self.pend_chunk):
+                state[0] = state[1]
+            self.pend_n[1], self.pend_chunk[1] = 0, -1
+        k = int(self.pend_n[1])
+        self.pend_chunk[1] = chunk
+        self.pend_x[1, k:k + len(x)], self.pend_y[1, k:k + len(y)] = x, y
+        self.pend_n[1] += len(x)
+        if int(self.pend_n[1]) == self.batch:
+            self.bound += self._bound(self.pend_x[1], self.pend_y[1])
+            self.count += self.batch
+            self.pend_n[1], self.pend_chunk[1] = 0, -1
 
     def compute(self) -> float:
-        """The bound in nats (the best temperature's), over every full chunk seen."""
-        if self._n == 0:
-            xs, ys = torch.cat(self._x), torch.cat(self._y)
-            if len(xs) < 2:
-                raise DataError(f"InfoNCE needs >= 2 pairs; got {len(xs)}: enlarge the eval split")
-            bound = InfoNCE(len(xs), self.temperatures)
-            bound._chunk(xs, ys)
-            return bound.compute()
-        return float(self._bound.max() / self._n)
+        """The bound in nats (the best temperature's), over every full chunk seen (on every rank)."""
+        px, py, pn, pc = self.pend_x, self.pend_y, self.pend_n, self.pend_chunk
+        if pn.dim() == 1:  # one process: add the rank dimension a DDP sync adds
+            px, py, pn, pc = (t.unsqueeze(0) for t in (px, py, pn, pc))
+        pieces: dict[int, list[tuple[Tensor, Tensor]]] = {}
+        for rank in range(len(pn)):  # ranks hold ascending runs: rank order, then slot order, is position order
+            for slot in (0, 1):
+                k = int(pn[rank, slot])
+                if k:
+                    pieces.setdefault(int(pc[rank, slot]), []).append((px[rank, slot, :k], py[rank, slot, :k]))
+        bound, count = self.bound.clone(), int(self.count)
+        joined = {c: (torch.cat([x for x, _ in p]), torch.cat([y for _, y in p])) for c, p in sorted(pieces.items())}
+        for x, y in joined.values():
+            if len(x) == self.batch:  # a chunk split between ranks
+                bound += self._bound(x, y)
+                count += self.batch
+        if count == 0:  # fewer pairs than one chunk: the bound over all of them
+            x, y = joined.get(0, (torch.zeros(0), torch.zeros(0)))
+            if len(x) < 2:
+                raise DataError(f"InfoNCE needs >= 2 pairs; got {len(x)}: enlarge the eval split")
+            return float(self._bound(x, y).max() / len(x))
+        return float(bound.max() / count)

@@ -3,6 +3,8 @@
 FID is torchmetrics' implementation fed with a feature model's embeddings (default: the data set's own
 `FeatureNet` in place of Inception); IS is computed from running sums (`InceptionScoreStream`) so memory
 stays flat. Every metric reads the same single pass of the feature model per image tensor (`BatchFeatures`).
+The scorers are torchmetrics Metrics: their states add up over DDP ranks when they are computed, and
+per-image values kept in order (`Slots`) fill their stream positions.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics import Metric
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from i2i_unlearning.errors import ConfigError, DataError
@@ -69,6 +72,14 @@ class BatchFeatures(nn.Module):
         self._last = (x, x._version, result)
         return result
 
+    @torch.no_grad()
+    def num_classes(self) -> int:
+        """The width of the model's logits (one probe pass on a blank image)."""
+        m = self.model
+        device = next(self.parameters(), torch.zeros(0)).device
+        blank = torch.zeros(1, m.in_channels, m.image_size, m.image_size, device=device)
+        return int(m.embed_with_logits(blank)[1].shape[1])
+
 
 class FeatureExtractor(nn.Module):
     """A torchmetrics `feature=` module: the embedding (for FID) or the logits (for IS) of a feature model."""
@@ -96,43 +107,77 @@ def fid_metric(model: FeatureModel | BatchFeatures) -> FrechetInceptionDistance:
     )
 
 
-class InceptionScoreStream:
-    """Inception Score from running sums: memory flat in the number of images.
+class InceptionScoreStream(Metric):
+    """Inception Score from running sums (a torchmetrics Metric): memory flat in the number of images.
 
-    Image i (in the order seen) belongs to split ``i % splits``; per split it keeps the sum of p(y|x) and of
+    Image i of the stream belongs to split ``i % splits``; per split it keeps the sum of p(y|x) and of
     sum_y p log p, which give that split's mean KL(p(y|x) || p(y)) exactly. IS = mean over non-empty splits of
-    exp(mean KL). Independent of how the images are batched.
+    exp(mean KL). Independent of how the images are batched, and of how they are spread over DDP ranks when
+    `update` is given each image's stream position.
     """
 
-    def __init__(self, splits: int = 10) -> None:
+    full_state_update = False
+
+    def __init__(self, num_classes: int, splits: int = 10, **kwargs) -> None:
+        super().__init__(**kwargs)
         if splits < 1:
             raise ConfigError(f"inception score splits={splits}: need >= 1")
         self.splits = splits
-        self._p_sum: Tensor | None = None  # (splits, K) float64
-        self._plogp_sum = torch.zeros(splits, dtype=torch.float64)
-        self._count = torch.zeros(splits, dtype=torch.float64)
-        self._seen = 0
+        self.add_state("p_sum", torch.zeros(splits, num_classes, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("plogp_sum", torch.zeros(splits, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros(splits, dtype=torch.float64), dist_reduce_fx="sum")
+        self._next = 0  # the position of the next image when `update` is given none
 
     @torch.no_grad()
-    def update(self, logits: Tensor) -> None:
-        """Add (B, K) class logits of B images."""
-        p = logits.detach().double().cpu().softmax(dim=1)
-        if self._p_sum is None:
-            self._p_sum = torch.zeros(self.splits, p.shape[1], dtype=torch.float64)
-        split = torch.arange(self._seen, self._seen + len(p)) % self.splits
-        self._p_sum.index_add_(0, split, p)
-        self._plogp_sum.index_add_(0, split, torch.special.xlogy(p, p).sum(dim=1))
-        self._count.index_add_(0, split, torch.ones(len(p), dtype=torch.float64))
-        self._seen += len(p)
+    def update(self, logits: Tensor, index: Tensor | None = None) -> None:
+        """Add (B, K) class logits of B images at stream positions `index` (by default: after the last ones)."""
+        if logits.dim() != 2 or logits.shape[1] != self.p_sum.shape[1]:
+            raise ConfigError(f"InceptionScoreStream got logits {tuple(logits.shape)}: need (B, {self.p_sum.shape[1]})")
+        p = logits.detach().to(self.p_sum).softmax(dim=1)
+        if index is None:
+            index = torch.arange(self._next, self._next + len(p))
+        self._next = int(index.max()) + 1 if len(index) else self._next
+        split = index.to(self.p_sum.device) % self.splits
+        self.p_sum.index_add_(0, split, p)
+        self.plogp_sum.index_add_(0, split, torch.special.xlogy(p, p).sum(dim=1))
+        self.count.index_add_(0, split, torch.ones(len(p), dtype=torch.float64, device=p.device))
 
     def compute(self) -> float:
         """Mean IS over the non-empty splits."""
-        if self._p_sum is None:
+        used = self.count > 0
+        if not bool(used.any()):
             raise DataError("InceptionScoreStream saw no images; enlarge the eval split")
-        used = self._count > 0
-        marginal = self._p_sum[used] / self._count[used, None]
-        kl = self._plogp_sum[used] / self._count[used] - torch.special.xlogy(marginal, marginal).sum(dim=1)
+        marginal = self.p_sum[used] / self.count[used, None]
+        kl = self.plogp_sum[used] / self.count[used] - torch.special.xlogy(marginal, marginal).sum(dim=1)
         return float(kl.exp().mean())
+
+
+class Slots(Metric):
+    """The values at stream positions [0, size), (size, *shape): the first images' embeddings, per-image
+    scores, a grid's images. Whichever rank sees a position fills it; the others hold zeros there, so the
+    ranks' states add up to the whole (ordered gathering by a sum)."""
+
+    full_state_update = False
+
+    def __init__(self, size: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("values", torch.zeros(size, *shape, dtype=dtype), dist_reduce_fx="sum")
+        self.add_state("filled", torch.zeros(size, dtype=torch.long), dist_reduce_fx="sum")
+
+    @torch.no_grad()
+    def update(self, values: Tensor, index: Tensor) -> None:
+        """Keep ``values[j]`` (B, *shape) at position ``index[j]``; positions past the size are dropped."""
+        keep = index < len(self.filled)
+        at = index[keep].to(self.filled.device)
+        self.values[at] = values[keep.to(values.device)].detach().to(self.values)
+        self.filled[at] += 1
+
+    def compute(self) -> Tensor:
+        """The values of the positions seen: a prefix of the stream, each position filled once."""
+        k = int((self.filled > 0).sum())
+        if not (bool((self.filled[:k] == 1).all()) and k == int(self.filled.sum())):
+            raise DataError("Slots: positions filled twice or with gaps; the eval batches overlap between ranks")
+        return self.values[:k]
 
 
 class _Given(nn.Module):
@@ -146,8 +191,9 @@ class _Given(nn.Module):
         return features
 
 
-class SplitScorer:
-    """Streaming scores of one split (retain or forget): restored outputs against their ground truth.
+class SplitScorer(Metric):
+    """Streaming scores of one split (retain or forget), restored outputs against their ground truth: a
+    torchmetrics Metric whose states (and its children's) add up over DDP ranks.
 
     `compute()` gives fid (ground truth = real, outputs = fake; torchmetrics), is (of the outputs), cos (mean
     paired cosine of embeddings), class_acc (outputs classified as their true label) and n. With `audit=True`
@@ -156,104 +202,112 @@ class SplitScorer:
     directions, and mi_nce (InfoNCE lower bound on the whole embedding), see `audit.py`.
 
     FID / IS / class accuracy read `net` (embedding and logits); cosine, the audit and the kept embeddings read
-    `embed_net` (e.g. CLIP), `net` by default. Scoring is split in two so that it can be spread over DDP ranks:
-    `features(outputs, ground_truth)` runs the networks on a batch (on any rank), `add(features, labels)`
-    folds them into running sums (in one fixed order, so the result does not depend on the number of ranks);
-    `update` does both. Memory stays flat in the number of images.
+    `embed_net` (e.g. CLIP), `net` by default. `features(outputs, ground_truth)` runs the networks on a batch,
+    `update(features, labels, index)` folds them into running sums at the images' stream positions (so the
+    IS splits, InfoNCE chunks and kept embeddings do not depend on the ranks); `score` does both. Memory
+    stays flat in the number of images. With ``sync=True`` `compute` first adds up the states of all DDP
+    ranks (every rank must call it); by default it scores what this process saw.
     """
 
+    full_state_update = False
+
     def __init__(self, net: FeatureModel, device: str | torch.device = "cpu", is_splits: int = 10,
-                 audit: bool = False, keep_embeddings: int = 0, embed_net: FeatureModel | None = None) -> None:
-        self.device = torch.device(device)
-        self.net = BatchFeatures(net).to(self.device)
-        self.embed_net = None if embed_net is None else BatchFeatures(embed_net).to(self.device)
-        self._fid = FrechetInceptionDistance(feature=_Given(net.embed_dim), sync_on_compute=False)
-        self._is = InceptionScoreStream(is_splits)
-        self._cos_sum = 0.0
-        self._correct = 0
-        self._n = 0
-        self._moments, self._nce = (PairedMoments(), InfoNCE()) if audit else (None, None)
-        self._keep = keep_embeddings  # the first images' embeddings, for the report's t-SNE figure
-        self._kept: list[tuple[Tensor, Tensor]] = []
+                 audit: bool = False, keep_embeddings: int = 0, embed_net: FeatureModel | None = None,
+                 sync: bool = False) -> None:
+        super().__init__(sync_on_compute=sync)
+        self.net = BatchFeatures(net)
+        self.embed_net = None if embed_net is None else BatchFeatures(embed_net)
+        width = (embed_net or net).embed_dim
+        self.fid = FrechetInceptionDistance(feature=_Given(net.embed_dim), sync_on_compute=sync)
+        self.fid.orig_dtype = torch.float32  # set by its first update, which a rank with no image of this split lacks
+        self.inception = InceptionScoreStream(self.net.num_classes(), is_splits, sync_on_compute=sync)
+        self.moments = PairedMoments(width, sync_on_compute=sync) if audit else None
+        self.nce = InfoNCE(width, sync_on_compute=sync) if audit else None
+        # the first images' embeddings (output, truth), for the report's t-SNE figure
+        self.kept = Slots(keep_embeddings, (2, width), sync_on_compute=sync) if keep_embeddings else None
+        self.add_state("cos_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("correct", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("n", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self._next = 0  # the position of the next image when `update` is given none
+        self.to(device)
 
     @torch.no_grad()
     def features(self, outputs: Tensor, ground_truth: Tensor) -> dict[str, Tensor]:
-        """The feature-network outputs a batch is scored by (CPU tensors): one pass per net and image tensor."""
+        """The feature-network outputs a batch is scored by (float32): one pass per net and image tensor."""
         if outputs.shape != ground_truth.shape or outputs.dim() != 4:
             raise ConfigError(
                 f"SplitScorer got outputs {tuple(outputs.shape)} and ground truth {tuple(ground_truth.shape)}: "
                 "need two equal (B, C, H, W) batches"
             )
-        outputs, ground_truth = outputs.to(self.device), ground_truth.to(self.device)
+        device = self.n.device
+        outputs, ground_truth = outputs.to(device), ground_truth.to(device)
         truth, _ = self.net(ground_truth)
         out, logits = self.net(outputs)
         feats = {"truth": truth, "out": out, "logits": logits}
         if self.embed_net is not None:
             feats["truth_embed"], _ = self.embed_net(ground_truth)
             feats["out_embed"], _ = self.embed_net(outputs)
-        return {k: v.float().cpu() for k, v in feats.items()}
+        return {k: v.float() for k, v in feats.items()}
 
     @torch.no_grad()
-    def add(self, feats: dict[str, Tensor], labels: Tensor) -> None:
-        """Fold a batch's `features(...)` and its (B,) int64 labels into the running scores."""
+    def update(self, feats: dict[str, Tensor], labels: Tensor, index: Tensor | None = None) -> None:
+        """Fold a batch's `features(...)`, its (B,) int64 labels and its images' stream positions (B,)
+        (by default the positions after the last batch's) into the running scores."""
         if labels.shape != (feats["out"].shape[0],):
             raise ConfigError(f"SplitScorer got labels {tuple(labels.shape)} for {feats['out'].shape[0]} images")
-        self._fid.update(feats["truth"], real=True)
-        self._fid.update(feats["out"], real=False)
-        self._is.update(feats["logits"])
-        self._correct += int((feats["logits"].argmax(dim=1) == labels.cpu()).sum())
-        self._n += int(labels.numel())
+        if index is None:
+            index = torch.arange(self._next, self._next + len(labels))
+        self._next = int(index[-1]) + 1
+        self.fid.update(feats["truth"], real=True)
+        self.fid.update(feats["out"], real=False)
+        self.inception.update(feats["logits"], index)
+        self.correct += (feats["logits"].argmax(dim=1) == labels.to(self.correct.device)).sum()
+        self.n += labels.numel()
         emb_out, emb_gt = feats.get("out_embed", feats["out"]), feats.get("truth_embed", feats["truth"])
-        self._cos_sum += float(F.cosine_similarity(emb_out, emb_gt, dim=1).double().sum())
-        if self._moments is not None:
-            self._moments.update(emb_out, emb_gt)
-            self._nce.update(emb_out, emb_gt)
-        room = self._keep - sum(len(o) for o, _ in self._kept)
-        if room > 0:
-            self._kept.append((emb_out[:room].clone(), emb_gt[:room].clone()))
+        self.cos_sum += F.cosine_similarity(emb_out, emb_gt, dim=1).double().sum()
+        if self.moments is not None:
+            self.moments.update(emb_out, emb_gt)
+            self.nce.update(emb_out, emb_gt, index)
+        if self.kept is not None:
+            self.kept.update(torch.stack([emb_out, emb_gt], dim=1), index)
 
-    def update(self, outputs: Tensor, ground_truth: Tensor, labels: Tensor) -> None:
+    def score(self, outputs: Tensor, ground_truth: Tensor, labels: Tensor) -> None:
         """Add a batch: outputs and ground truth (B, C, H, W) in [0, 1], labels (B,) int64."""
         if labels.shape != (outputs.shape[0],):
             raise ConfigError(
-                f"SplitScorer.update got outputs {tuple(outputs.shape)}, ground truth {tuple(ground_truth.shape)}, "
+                f"SplitScorer.score got outputs {tuple(outputs.shape)}, ground truth {tuple(ground_truth.shape)}, "
                 f"labels {tuple(labels.shape)}: need two equal (B, C, H, W) batches and (B,) labels"
             )
-        self.add(self.features(outputs, ground_truth), labels)
+        self.update(self.features(outputs, ground_truth), labels)
 
     def state_nbytes(self) -> int:
-        """Bytes held by the running sums: flat in the number of images (the kept embeddings and InfoNCE's
-        partial chunk, both bounded, aside)."""
-        tensors = [*self._fid.metric_state.values(), self._is._p_sum, self._is._plogp_sum, self._is._count]
-        if self._moments is not None and self._moments.n:
-            tensors += [*self._moments._shift, *self._moments._sum, *self._moments._outer.values()]
-            tensors.append(self._nce._bound)
-        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
+        """Bytes held by the metric states: flat in the number of images (the kept embeddings and InfoNCE's
+        partial chunks are bounded)."""
+        return sum(getattr(m, name).numel() * getattr(m, name).element_size()
+                   for m in self.modules() if isinstance(m, Metric) for name in m._defaults)
 
     def embeddings(self) -> dict[str, Tensor]:
-        """{"output", "truth"}: (N, D) feature embeddings of the first ``keep_embeddings`` outputs and truths."""
-        if not self._kept:
+        """{"output", "truth"}: (N, D) embeddings of the first ``keep_embeddings`` outputs and truths."""
+        if self.kept is None:
             return {}
-        return {"output": torch.cat([o for o, _ in self._kept]), "truth": torch.cat([t for _, t in self._kept])}
+        kept = self.kept.compute()
+        return {"output": kept[:, 0], "truth": kept[:, 1]} if len(kept) else {}
 
     def compute(self) -> dict[str, float | int]:
         """{"fid", "is", "cos", "class_acc", "n"} (+ "kl", "mi", "mi_nce" when auditing) over everything seen."""
-        if self._n < 2:
-            raise DataError(
-                f"SplitScorer saw {self._n} image(s); FID needs at least 2 per split: enlarge the eval split"
-            )
-        with torch.no_grad():
-            # FID is a squared distance; tiny negatives are eigenvalue round-off.
-            fid = max(float(self._fid.compute()), 0.0)
+        n = int(self.n)
+        if n < 2:
+            raise DataError(f"SplitScorer saw {n} image(s); FID needs at least 2 per split: enlarge the eval split")
+        # FID is a squared distance; tiny negatives are eigenvalue round-off.
         scores = {
-            "fid": fid,
-            "is": self._is.compute(),
-            "cos": self._cos_sum / self._n,
-            "class_acc": self._correct / self._n,
-            "n": self._n,
+            "fid": max(float(self.fid.compute()), 0.0),
+            "is": self.inception.compute(),
+            "cos": float(self.cos_sum) / n,
+            "class_acc": int(self.correct) / n,
+            "n": n,
         }
-        if self._moments is not None:
-            scores.update(kl=self._moments.kl(), mi=self._moments.mi(), mi_nce=self._nce.compute())
+        if self.moments is not None:
+            scores.update(self.moments.compute(), mi_nce=self.nce.compute())
         return scores
 
 

@@ -1,25 +1,38 @@
-"""Restoration metrics of an image-to-image model: restore the eval images of each split and score them.
+"""Restoration metrics of an image-to-image model: a Lightning test loop that restores the eval images of
+each split and scores them.
 
-Every eval batch has a generator and RNG seed of its own (`batch_seed`), so the result does not depend on
-the batches before it or on which rank makes it; under DDP the batches are shared out over the ranks
-(distributed.py) and folded in one order, so a 2-rank evaluation equals 1 rank.
+`RestorationEvaluation` runs under the run's Trainer (``trainer.test``). Its plan (`eval_plan`) lists every
+eval batch of every task and split, and the membership batches; each rank takes one contiguous run of it
+(`EvalBatches`: no padding, no repeats), and every batch has a generator and RNG seed of its own
+(`batch_seed`), so its outputs do not depend on which rank makes them. Scores are torchmetrics Metric states
+that add up over the ranks when they are computed; per-image values (membership scores, the t-SNE
+embeddings, the grid) fill their stream positions in `Slots`. A 2-rank evaluation equals 1 rank up to
+float round-off.
 """
 
 from __future__ import annotations
 
+import math
 import zlib
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from functools import partial
+from dataclasses import dataclass
 
+import lightning as L
 import torch
 from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+from torchmetrics import MeanMetric, Metric
 
-from .. import distributed
 from ..data.datamodule import ForgetRetainDataModule
 from ..data.degrade import fill
 from ..families.base import Family
 from .audit import membership_audit, sample_scores
-from .evaluate import SplitScorer, class_acc
+from .evaluate import Slots, SplitScorer, class_acc
+
+SPLITS = ("retain", "forget")
+GRID_ROWS = ("ground truth", "input", "original")  # then the method's outputs
 
 
 def batch_seed(*place) -> int:
@@ -36,101 +49,197 @@ def seeded(seed: int, device: torch.device):
         yield
 
 
-@torch.no_grad()
-def member_scores(cfg: DictConfig, dm: ForgetRetainDataModule, model: Family, original: Family, split: str,
-                  task: str, n: int, device: torch.device) -> torch.Tensor:
-    """Membership scores (``audit.sample_scores``) of the first ``n`` images of a training split."""
-    def scores(i: int, b: dict) -> torch.Tensor:
-        seed = batch_seed(cfg.seed, "members", task, split, i)
-        x, m = b["image"].to(device), b["mask"].to(device)
-        with seeded(seed, device):
-            return sample_scores(model, original, x, m, model.restore(x, m, generator=_generator(seed, device)))
-
-    batches = dm.eval_batches(split, task, batch_size=cfg.metrics.eval_batch_size, limit=n)
-    return torch.cat(list(distributed.ordered_map(scores, batches)))
-
-
 def _generator(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
-@torch.no_grad()
-def evaluate(cfg: DictConfig, dm: ForgetRetainDataModule, model: Family, original: Family, net,
-             device: torch.device | None = None, embed_net=None) -> tuple[dict, dict, dict, dict]:
-    """Restore the eval images of each split and score outputs against their ground truth.
+@dataclass(frozen=True)
+class EvalItem:
+    """One batch of the evaluation: ``kind`` "eval" (a scored restore of ``<split>_eval`` under ``task``'s
+    mask) or "members" (membership scores of ``<split>_train``), the ``index``-th batch of its stream."""
 
-    Returns (metrics, floors, grid rows, embeddings): embeddings are the feature-network embeddings of
-    the first ``metrics.tsne_points`` outputs and ground truths per split (the report's t-SNE). Floors:
-    class accuracy of the degraded input with the hole filled grey / with noise, the level the table is
-    read against. With ``metrics.audit``: KL / MI per split and task, and on the headline task the
-    membership audit, <split>_train images (members of the original, as many as eval images) against
-    <split>_eval. Under DDP (joined ranks) the batches are shared out over the ranks (distributed.py);
-    every batch has a generator and RNG seed of its own, so the result does not depend on the rank count.
-    """
-    device = device or torch.device("cpu")
-    model, original, net = model.to(device), original.to(device), net.to(device)
-    if embed_net is not None:
-        embed_net = embed_net.to(device)
-    metrics, floors, grid, embeddings = {}, {}, {}, {}
-    k = cfg.metrics.grid_images
-    audit = bool(cfg.metrics.get("audit", False))
+    kind: str
+    task: str
+    split: str
+    index: int
 
-    def record(task: str, split: str, scorer: SplitScorer, i: int, b: dict) -> dict:
-        """Everything evaluation needs of eval batch ``i``, as small CPU tensors (made on any rank)."""
-        seed = batch_seed(cfg.seed, task, split, i)
-        x, m = b["image"].to(device), b["mask"].to(device)
-        with seeded(seed, device):  # fills with noise and `sample_state` draws from the global RNG
-            out = model.restore(x, m, generator=_generator(seed, device))
-            rec = {"features": scorer.features(out, x), "labels": b["label"]}
-            if task != cfg.task:
-                return rec
-            if audit:
-                rec["nonmembers"] = sample_scores(model, original, x, m, out)
-            rec["grey"] = class_acc(net, fill(x, m, "grey"), b["label"]) * len(x)
-            rec["noise"] = class_acc(net, fill(x, m, "noise"), b["label"]) * len(x)
-            if i == 0:
-                rec["grid"] = {
-                    "ground truth": x[:k], "input": fill(x[:k], m[:k], "grey"),
-                    "original": original.restore(x[:k], m[:k], generator=_generator(seed, device)),
-                    cfg.method.name: out[:k],
-                }
-                rec["grid"] = {name: v.cpu() for name, v in rec["grid"].items()}
-        return rec
+    @property
+    def stream(self) -> tuple[str, str, str]:
+        """(kind, task, split): the stream of batches the item belongs to."""
+        return self.kind, self.task, self.split
 
+    @property
+    def data_split(self) -> str:
+        """The prepared split the batch is read from."""
+        return f"{self.split}_{'train' if self.kind == 'members' else 'eval'}"
+
+
+def stream_sizes(cfg: DictConfig, dm: ForgetRetainDataModule) -> dict[tuple[str, str, str], int]:
+    """Images per stream: every task's eval splits (at most ``metrics.eval_limit``), and with
+    ``metrics.audit`` the headline task's members, as many training images as eval images."""
+    counts = {name: split["count"] for name, split in dm.manifest["splits"].items()}
+    limit = cfg.metrics.eval_limit
+    sizes = {}
     for task in [cfg.task, *cfg.extra_tasks]:
-        headline = task == cfg.task
-        prefix = "" if headline else f"{task}_"
-        for split in ("retain", "forget"):
-            scorer = SplitScorer(net, device=device, is_splits=cfg.metrics.is_splits, audit=audit,
-                                 keep_embeddings=cfg.metrics.get("tsne_points", 0) if headline else 0,
-                                 embed_net=embed_net)
-            grey_hits = noise_hits = n = 0
-            nonmembers = []
-            batches = dm.eval_batches(f"{split}_eval", task, batch_size=cfg.metrics.eval_batch_size,
-                                      limit=cfg.metrics.eval_limit)
-            for rec in distributed.ordered_map(partial(record, task, split, scorer), batches):
-                scorer.add(rec["features"], rec["labels"])
-                if headline:
-                    grey_hits, noise_hits = grey_hits + rec["grey"], noise_hits + rec["noise"]
-                    n += len(rec["labels"])
-                    nonmembers += [rec["nonmembers"]] if "nonmembers" in rec else []
-                    grid.update({f"{split}: {name}": v for name, v in rec.get("grid", {}).items()})
-            for name, value in scorer.compute().items():
-                metrics[f"{prefix}{split}_{name}"] = float(value)
-            embeddings.update({f"{split}_{name}": v.numpy() for name, v in scorer.embeddings().items()})
-            if nonmembers:
-                nonmembers = torch.cat(nonmembers)
-                members = member_scores(cfg, dm, model, original, f"{split}_train", task, len(nonmembers), device)
-                for name, value in membership_audit(members, nonmembers, seed=cfg.seed).items():
-                    metrics[f"{split}_{name}"] = value
-            if headline:
-                floors[f"{split}_class_acc_grey"] = grey_hits / max(n, 1)
-                floors[f"{split}_class_acc_noise"] = noise_hits / max(n, 1)
-    return metrics, floors, grid, embeddings
+        for split in SPLITS:
+            n = counts[f"{split}_eval"]
+            sizes["eval", task, split] = n if limit is None else min(n, int(limit))
+    if cfg.metrics.get("audit", False):
+        for split in SPLITS:
+            sizes["members", cfg.task, split] = min(sizes["eval", cfg.task, split], counts[f"{split}_train"])
+    return sizes
 
 
-def evaluate_on(device: torch.device, cfg: DictConfig, dm: ForgetRetainDataModule, model: Family,
-                original: Family, net, embed_net=None) -> tuple[dict, dict, dict, dict]:
-    """``evaluate`` on ``device`` (a rank's entry point for ``distributed.launch``); results on the CPU."""
-    metrics, floors, grid, embeddings = evaluate(cfg, dm, model, original, net, device=device, embed_net=embed_net)
-    return metrics, floors, {k: v.cpu() for k, v in grid.items()}, embeddings
+def eval_plan(cfg: DictConfig, sizes: dict[tuple[str, str, str], int]) -> list[EvalItem]:
+    """Every batch of the evaluation, streams in order (the same list on every rank)."""
+    bs = cfg.metrics.eval_batch_size
+    return [EvalItem(*stream, i) for stream, n in sizes.items() for i in range(math.ceil(n / bs))]
+
+
+def rank_share(n: int, rank: int, world: int) -> range:
+    """Rank ``rank``'s contiguous share of ``n`` items (sizes differ by at most one; none is padded)."""
+    return range(n * rank // world, n * (rank + 1) // world)
+
+
+class EvalBatches(IterableDataset):
+    """The eval batches of ``items`` in plan order, each with its place: kind, task, split, index and the
+    stream positions of its images. One pass over each stream a rank reads from."""
+
+    def __init__(self, dm: ForgetRetainDataModule, items: list[EvalItem], batch_size: int,
+                 sizes: dict[tuple[str, str, str], int]) -> None:
+        self.dm, self.items, self.batch_size, self.sizes = dm, items, batch_size, sizes
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Iterator[dict]:
+        wanted: dict[tuple[str, str, str], set[int]] = {}
+        for item in self.items:
+            wanted.setdefault(item.stream, set()).add(item.index)
+        for (kind, task, split), indices in wanted.items():
+            item = EvalItem(kind, task, split, 0)
+            batches = self.dm.eval_batches(item.data_split, task, batch_size=self.batch_size,
+                                           limit=self.sizes[item.stream])
+            for i, batch in enumerate(batches):
+                if i in indices:
+                    start = i * self.batch_size
+                    yield {**batch, "kind": kind, "task": task, "split": split, "index": i,
+                           "positions": torch.arange(start, start + len(batch["label"]))}
+                if i >= max(indices):
+                    break
+
+
+class RestorationEvaluation(L.LightningModule):
+    """``trainer.test`` of an image-to-image model: restores every eval image and scores it (`SplitScorer`
+    per task and split), with the floors (class accuracy of the grey / noise-filled input) and, with
+    ``metrics.audit``, the membership audit on the headline task.
+
+    After the test, `metrics` and `floors` hold the scores on every rank (they are also logged, so
+    ``trainer.test`` returns them where the ranks were spawned); rank 0 hands the grid rows and the
+    t-SNE embeddings to ``artefacts(grid, embeddings)``.
+    """
+
+    def __init__(self, cfg: DictConfig, dm: ForgetRetainDataModule, model: Family, original: Family,
+                 net: nn.Module, embed_net: nn.Module | None = None,
+                 artefacts: Callable[[dict, dict], None] | None = None) -> None:
+        super().__init__()
+        self.cfg, self.dm, self.artefacts = cfg, dm, artefacts
+        self.model, self.original, self.net = model, original, net
+        self.sizes = stream_sizes(cfg, dm)
+        self.plan = eval_plan(cfg, self.sizes)
+        self.audit = bool(cfg.metrics.get("audit", False))
+        keep = int(cfg.metrics.get("tsne_points", 0))
+        self.scorers = nn.ModuleDict({
+            task: nn.ModuleDict({split: SplitScorer(net, is_splits=cfg.metrics.is_splits, audit=self.audit,
+                                                    keep_embeddings=keep if task == cfg.task else 0,
+                                                    embed_net=embed_net, sync=True) for split in SPLITS})
+            for task in [cfg.task, *cfg.extra_tasks]})
+        self.floors = nn.ModuleDict({f"{split}_{fill_kind}": MeanMetric(sync_on_compute=True).set_dtype(torch.float64)
+                                     for split in SPLITS for fill_kind in ("grey", "noise")})
+        k, shape = int(cfg.metrics.grid_images), (dm.channels, dm.image_size, dm.image_size)
+        self.grid = nn.ModuleDict({split: Slots(k, (len(GRID_ROWS) + 1, *shape), sync_on_compute=True)
+                                   for split in SPLITS})
+        self.mia = nn.ModuleDict({
+            f"{kind}_{split}": Slots(self.sizes[kind, cfg.task, split], (2,), torch.float64, sync_on_compute=True)
+            for kind in ("eval", "members") for split in SPLITS} if self.audit else {})
+        self.metrics: dict[str, float] = {}
+        self.floor_values: dict[str, float] = {}
+
+    def on_test_start(self) -> None:
+        """Fresh metric states in this process: spawned ranks receive the module's tensors in shared memory,
+        so states updated in place would be one storage for all ranks."""
+        for metric in self.modules():
+            if isinstance(metric, Metric):
+                metric.reset()
+
+    def test_dataloader(self) -> DataLoader:
+        """This rank's contiguous share of the plan."""
+        share = rank_share(len(self.plan), self.trainer.global_rank, self.trainer.world_size)
+        items = [self.plan[i] for i in share]
+        return DataLoader(EvalBatches(self.dm, items, self.cfg.metrics.eval_batch_size, self.sizes),
+                          batch_size=None)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        """Restore one batch under its own seed and fold its scores into the metric states."""
+        kind, task, split, i, where = batch["kind"], batch["task"], batch["split"], batch["index"], batch["positions"]
+        x, m, labels = batch["image"], batch["mask"], batch["label"]
+        device, cfg = x.device, self.cfg
+        if kind == "members":
+            seed = batch_seed(cfg.seed, "members", task, f"{split}_train", i)
+            with seeded(seed, device):
+                out = self.model.restore(x, m, generator=_generator(seed, device))
+                self.mia[f"members_{split}"].update(sample_scores(self.model, self.original, x, m, out), where)
+            return
+        seed = batch_seed(cfg.seed, task, split, i)
+        scorer = self.scorers[task][split]
+        with seeded(seed, device):  # fills with noise and `sample_state` draw from the global RNG
+            out = self.model.restore(x, m, generator=_generator(seed, device))
+            feats = scorer.features(out, x)
+            if task == cfg.task:
+                if self.audit:
+                    self.mia[f"eval_{split}"].update(sample_scores(self.model, self.original, x, m, out), where)
+                for fill_kind in ("grey", "noise"):
+                    self.floors[f"{split}_{fill_kind}"].update(class_acc(self.net, fill(x, m, fill_kind), labels),
+                                                               len(x))
+                if i == 0:
+                    k = min(len(self.grid[split].filled), len(x))
+                    rows = [x[:k], fill(x[:k], m[:k], "grey"),
+                            self.original.restore(x[:k], m[:k], generator=_generator(seed, device)), out[:k]]
+                    self.grid[split].update(torch.stack(rows, dim=1), where[:k])
+        scorer.update(feats, labels, where)
+
+    def on_test_epoch_end(self) -> None:
+        """Compute every score (each Metric adds up the ranks' states first), log them, hand out the grid."""
+        cfg, metrics, floors, embeddings = self.cfg, {}, {}, {}
+        for task, scorers in self.scorers.items():
+            prefix = "" if task == cfg.task else f"{task}_"
+            for split in SPLITS:
+                for name, value in scorers[split].compute().items():
+                    metrics[f"{prefix}{split}_{name}"] = float(value)
+                if task != cfg.task:
+                    continue
+                embeddings.update({f"{split}_{name}": v.cpu().numpy()
+                                   for name, v in scorers[split].embeddings().items()})
+                if self.audit:
+                    members, nonmembers = self.mia[f"members_{split}"].compute(), self.mia[f"eval_{split}"].compute()
+                    for name, value in membership_audit(members.cpu(), nonmembers.cpu(), seed=cfg.seed).items():
+                        metrics[f"{split}_{name}"] = value
+                for fill_kind in ("grey", "noise"):
+                    floors[f"{split}_class_acc_{fill_kind}"] = float(self.floors[f"{split}_{fill_kind}"].compute())
+        grid = {}
+        for split in SPLITS:
+            rows = self.grid[split].compute().cpu()
+            for r, name in enumerate([*GRID_ROWS, cfg.method.name]):
+                grid[f"{split}: {name}"] = rows[:, r]
+        self.metrics, self.floor_values = metrics, floors
+        values = {**{f"metrics/{k}": v for k, v in metrics.items()}, **{f"floors/{k}": v for k, v in floors.items()}}
+        self.log_dict({k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()}, sync_dist=False)
+        if self.trainer.is_global_zero and self.artefacts is not None:
+            self.artefacts(grid, embeddings)
+
+
+def logged_scores(results: list[dict]) -> tuple[dict[str, float], dict[str, float]]:
+    """(metrics, floors) from what ``trainer.test`` returned for a `RestorationEvaluation`."""
+    logged = results[0]
+    return ({k.removeprefix("metrics/"): float(v) for k, v in logged.items() if k.startswith("metrics/")},
+            {k.removeprefix("floors/"): float(v) for k, v in logged.items() if k.startswith("floors/")})

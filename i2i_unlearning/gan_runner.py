@@ -20,12 +20,11 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 
 from .data.prepare import load_manifest
 from .data.shards import read_shard, verify_shards
 from .errors import ConfigError
-from .families.gan import DCGAN, BatchStream
+from .families.gan import DCGAN, BatchStream, StreamData
 from .hashing import stable_hash
 from .metrics.evaluate import BatchFeatures, InceptionScoreStream, fid_metric
 from .metrics.features import tensor_batches, train_feature_net
@@ -52,14 +51,15 @@ def load_split(data_dir: Path, manifest: dict, split: str) -> tuple[torch.Tensor
     return torch.cat(xs), torch.cat(ys), keys
 
 
-def gan_fitter(cfg: DictConfig):
-    """A function (model, BatchStream) -> None: one pass over the stream with the Trainer of ``cfg``."""
+def gan_fitter(cfg: DictConfig, ckpt_dir: Path | None = None):
+    """A function (model, BatchStream) -> None: one pass over the stream with the Trainer of ``cfg``;
+    resumable from ``ckpt_dir`` when one is given (the stream restarts after the last batch trained)."""
     # manual optimisation (two optimisers): Lightning cannot clip, and its step count is per optimiser
-    fit = fitter(cfg, gradient_clip_val=None)
+    fit = fitter(cfg, ckpt_dir=ckpt_dir, gradient_clip_val=None)
 
     def fit_stream(model: DCGAN, stream: BatchStream) -> None:
         warnings.filterwarnings("ignore", message=".*IterableDataset. has .__len__. defined.*")
-        fit(model, DataLoader(stream, batch_size=None))
+        fit(model, StreamData(stream))
 
     return fit_stream
 
@@ -149,7 +149,7 @@ class GANRunner(Runner):
         steps = max(1, math.ceil(rec.epochs * len(images) / rec.batch_size))
         log.info("training the %s %s GAN: %g epochs of %d images = %d steps of %d (cached as %s.pt)",
                  kind, self.cfg.model.name, rec.epochs, len(images), steps, rec.batch_size, workdir.name)
-        gan_fitter(self.cfg)(model, retain_stream(images, keys, rec.batch_size, steps, rec.seed))
+        gan_fitter(self.cfg, workdir / "resume")(model, retain_stream(images, keys, rec.batch_size, steps, rec.seed))
         return {"steps": steps, "images": len(images), "epochs": rec.epochs, "batch_size": rec.batch_size,
                 "lr": rec.lr}
 
@@ -170,7 +170,8 @@ class GANRunner(Runner):
         else:  # finetune: the GAN's own training steps on retain images
             model = copy.deepcopy(original).train()
             model.train_cfg["lr"] = method.lr
-            gan_fitter(cfg)(model, retain_stream(retain[0], retain[2], method.batch_size, method.steps, cfg.seed))
+            gan_fitter(cfg, self.run_dir / "resume")(model, retain_stream(retain[0], retain[2], method.batch_size,
+                                                                          method.steps, cfg.seed))
             model = model.eval()
         unlearn_s = time.perf_counter() - t0 if method.trains else \
             retrain_meta["train_s"] if method.start_from == "retrain" else 0.0

@@ -82,9 +82,10 @@ def test_original_training_resumes_bit_exact(tmp_path, monkeypatch):
     assert all(torch.equal(ref[k], got[k]) for k in ref)
 
 
-def _stage_resumes_bit_exact(tmp_path, monkeypatch, model, extra, stage, run, control):
-    """A stage killed at step 5 (checkpoints every 2) and relaunched ends with the weights of an uninterrupted
-    run, and leaves no checkpoint behind; with ``control`` patched in (what resume restores, dropped) it does not."""
+def _stage_resumes_bit_exact(tmp_path, monkeypatch, model, extra, stage, run, control, kill_step=5):
+    """A stage killed at step ``kill_step`` (checkpoints every 2) and relaunched ends with the weights of an
+    uninterrupted run, and leaves no checkpoint behind; with ``control`` patched in (what resume restores,
+    dropped) it does not."""
     def train(root, kill, patch=None):
         extra_ = [*extra, "callbacks.model_checkpoint.every_n_train_steps=2"]
         runner = prepared_runner(compose_cfg(tiny_overrides(root, model, "original", extra=extra_)), root / "run")
@@ -93,12 +94,12 @@ def _stage_resumes_bit_exact(tmp_path, monkeypatch, model, extra, stage, run, co
                 m.setattr(*patch)
             if kill:
                 with monkeypatch.context() as k:
-                    _kill_at(k, stage, 5)
+                    _kill_at(k, stage, kill_step)
                     with pytest.raises(Killed):
                         run(runner)
-                assert list(root.rglob("*-resume/last.ckpt"))
+                assert list(root.rglob("*resume/last.ckpt"))
             weights = run(runner)
-        assert not list(root.rglob("*-resume/last.ckpt"))  # removed once the stage ended
+        assert not list(root.rglob("*resume/last.ckpt"))  # removed once the stage ended
         return weights
 
     ref = train(tmp_path / "a", kill=False)
@@ -126,3 +127,15 @@ def test_vq_tokenizer_resumes_bit_exact(tmp_path, monkeypatch):
     _stage_resumes_bit_exact(tmp_path, monkeypatch, "vqgan", extra, TokenizerTraining,
                              lambda runner: runner.reference("original")[0].tokenizer.state_dict(),
                              control=(ForgetRetainDataModule, "load_state_dict", lambda self, state: None))
+
+
+@pytest.mark.slow
+def test_gan_reference_resumes_bit_exact(tmp_path, monkeypatch):
+    """The DCGAN trains as a LightningModule (manual optimisation, two optimiser steps per batch) and its
+    batch stream restarts after the last batch trained."""
+    from i2i_unlearning.families.gan import DCGAN, StreamData
+
+    _stage_resumes_bit_exact(tmp_path, monkeypatch, "gan", ["model.train.epochs=0.6"], DCGAN,  # 6 batches
+                             lambda runner: runner.reference("original")[0].state_dict(),
+                             control=(StreamData, "load_state_dict", lambda self, state: None),
+                             kill_step=6)  # two optimiser steps a batch: killed in the 4th batch

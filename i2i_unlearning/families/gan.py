@@ -186,17 +186,42 @@ class BatchStream(torch.utils.data.IterableDataset):
             raise ConfigError(f"BatchStream(steps={steps}, sizes={sizes}): need steps >= 1 and a positive size "
                               "per pool")
         self.pools, self.sizes, self.steps, self.seed = pools, sizes, steps, seed
+        self.start = 0  # batches already trained (set on resume): they are drawn and skipped
 
     def __len__(self) -> int:
-        return self.steps
+        return self.steps - self.start
 
     def __iter__(self):
         gen = torch.Generator().manual_seed(self.seed)
-        for _ in range(self.steps):
-            batch = {}
+        for step in range(self.steps):
+            draws = {}
             for name, fields in self.pools.items():
                 n = len(next(iter(fields.values())))
-                idx = torch.randint(n, (self.sizes[name],), generator=gen)
+                draws[name] = torch.randint(n, (self.sizes[name],), generator=gen)
+            if step < self.start:
+                continue
+            batch = {}
+            for name, fields in self.pools.items():
+                idx = draws[name]
                 for key, value in fields.items():
                     batch[key] = value[idx] if isinstance(value, Tensor) else [value[i] for i in idx.tolist()]
             yield batch
+
+
+class StreamData(L.LightningDataModule):
+    """A `BatchStream` as a data module whose checkpoint state is its position: a resumed fit goes on with
+    the batch after the last one trained, so it ends with the weights of an uninterrupted fit."""
+
+    def __init__(self, stream: BatchStream) -> None:
+        super().__init__()
+        self.stream = stream
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(self.stream, batch_size=None)
+
+    def state_dict(self) -> dict:
+        """The batches trained so far: every batch steps each optimiser once (`DCGAN.training_step`)."""
+        return {"position": self.trainer.global_step // len(self.trainer.optimizers)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.stream.start = int(state_dict["position"])

@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 export WANDB_SILENT := true
 
-.PHONY: help setup data demo demo-vqgan demo-diffusion demo-gan test test-fast bench sweep lint clean
+.PHONY: help setup data demo demo-vqgan demo-diffusion demo-gan test test-fast faults bench sweep lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-10s %s\n", $$1, $$2}'
@@ -53,6 +53,9 @@ test: setup ## run the test suite (CPU, tiny sizes)
 
 test-fast: setup ## the test suite without the tests marked slow (DDP, sweeps, the bench, Inception)
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+faults: setup ## kill a tiny cell in every stage (SIGKILL, SIGTERM), relaunch, check it ends bit-identical
+	$(BIN)/python experiments/faults.py
 
 bench: setup ## performance ratios side by side (cost per image, unlearn vs retrain, loader, eval, memory) into outputs/bench
 	$(BIN)/python -m i2i_unlearning.bench

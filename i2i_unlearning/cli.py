@@ -14,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from .atomic import locked
 from .errors import DataError, Interrupted
 from .results import RunResult, write_result
 from .runs import config_hash, finished, run_dir, semantic_config
@@ -86,15 +87,23 @@ def main(cfg: DictConfig) -> None:
     A cell that fails records ``status: failed`` and its error (in a sweep the next cell runs); a signal
     (SIGTERM, SIGINT, SIGUSR1) records ``status: interrupted`` with the stage and step, and the process exits
     with 128 + the signal number, a sweep included."""
-    from .runner import build_runner, check_size, write_config
-    from .training import stop_handlers
-    from .validation import check_config
+    from .runner import check_size
 
     logging.basicConfig(level=logging.INFO, format="[i2iu] %(message)s", force=True)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no tips / device banners per stage
     check_size(cfg)
     chash = config_hash(cfg)
     run = run_dir(cfg)  # checks the names that become its path first
+    with locked(run.parent / f".{run.name}.lock", f"run {run.name}"):  # one process per cell at a time
+        _run_cell(cfg, run, chash)
+
+
+def _run_cell(cfg: DictConfig, run: Path, chash: str) -> None:
+    """The cell's run into ``run``, unless an identical run already finished there (the cell's lock held)."""
+    from .runner import build_runner, write_config
+    from .training import stop_handlers
+    from .validation import check_config
+
     if finished(run, chash):
         log.info("%s: already finished, skipping (delete the dir to re-run)", run)
         return

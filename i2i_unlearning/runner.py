@@ -25,7 +25,8 @@ from hydra.utils import get_class, instantiate
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from .atomic import torch_save, write_atomic, write_json, write_text
+from .atomic import locked, torch_save, write_atomic, write_json, write_text
+from .attempts import StageClock
 from .data.datamodule import ForgetRetainDataModule
 from .data.prepare import config_kwargs, prepare
 from .errors import ConfigError
@@ -37,9 +38,10 @@ from .metrics.models import check_metrics_config, feature_models
 from .metrics.restoration import RestorationEvaluation, logged_scores
 from .report.figures import save_grid
 from .results import RunResult
+from .runs import trainer_identity
 from .training import fit_resumable, fitter, make_trainer
 from .unlearning.module import UnlearnModule, compile_hooks, to_channels_last
-from .weights import load_weights
+from .weights import load_trusted, load_weights
 
 log = logging.getLogger("i2iu")
 TRAIN_SPLITS = ("forget_train", "retain_train", "proxy_train")
@@ -215,13 +217,19 @@ class Runner:
             log.info("original %s model: %d tensors loaded from %s", cfg.model.name, info["tensors"], info["path"])
             return model.eval(), {"kind": kind, "train_s": 0.0, "pre_train": {}, "pretrained": info}
         path = self.reference_path(kind)
+        with locked(path.with_suffix(".lock"), f"the {kind} model {path.name}"):  # trained once, others wait
+            return self._cached_reference(model, kind, path)
+
+    def _cached_reference(self, model, kind: str, path: Path) -> tuple[Any, dict]:
+        """The ``kind`` reference from its cache file ``path``, trained and cached first when it is missing."""
         meta_path = path.with_suffix(".json")
         if path.exists() and meta_path.exists():
-            model.load_state_dict(torch.load(path, weights_only=True))
+            model.load_state_dict(load_trusted(path, f"Delete it and {meta_path.name} beside it: the {kind} model "
+                                                     "is trained again on the next run."))
             return model.eval(), json.loads(meta_path.read_text())
-        t0 = time.perf_counter()
-        meta = self.train_reference(model, kind, path.with_suffix(""))
-        meta = {"kind": kind, "train_s": time.perf_counter() - t0, **meta}
+        with StageClock(path.with_suffix(""), "train") as clock:  # the seconds of every attempt, summed
+            meta = self.train_reference(model, kind, path.with_suffix(""))
+        meta = {"kind": kind, "train_s": clock.total, "attempts": len(clock.seconds), **meta}
         if rank_zero_only.rank == 0:
             torch_save(path, model.state_dict())
             write_json(meta_path, meta)
@@ -293,7 +301,7 @@ class I2IRunner(Runner):
         data = OmegaConf.to_container(self.cfg.data, resolve=True)
         degradation = {k: data.get(k) for k in ("mask_ratio", "mask_kinds", "num_workers", "train_task")}
         return stable_hash({"data": manifest["config_hash"], "degradation": degradation, "model": model_cfg,
-                            "kind": kind, "precision": self.cfg.trainer.precision})
+                            "kind": kind, "trainer": trainer_identity(self.cfg)})
 
     def train_reference(self, model: Family, kind: str, workdir: Path) -> dict:
         cfg, rec = self.cfg, self.cfg.model.train
@@ -352,10 +360,10 @@ class I2IRunner(Runner):
             streams["forget"] = ["forget_train"]
         dm = datamodule(cfg, self.data_dir, streams, method.batch_size, method.steps, cfg.seed, start.mask_patch)
         ckpt_dir = self.run_dir / "resume"
-        t0 = time.perf_counter()
-        fit_resumable(make_trainer(cfg, method.steps, logger=self.logger, ckpt_dir=ckpt_dir, root=self.run_dir),
-                      module, dm, ckpt_dir)
-        return module.student.eval(), time.perf_counter() - t0, info
+        with StageClock(self.run_dir, "unlearn") as clock:  # unlearn_s: the seconds of every attempt, summed
+            fit_resumable(make_trainer(cfg, method.steps, logger=self.logger, ckpt_dir=ckpt_dir, root=self.run_dir),
+                          module, dm, ckpt_dir)
+        return module.student.eval(), clock.total, {**info, "unlearn_attempts": len(clock.seconds)}
 
     def evaluate(self, model: Family) -> tuple[dict, dict, dict]:
         cfg, (net, embed_net, _) = self.cfg, self.nets

@@ -170,7 +170,7 @@ def test_prepare_is_deterministic_and_reuses(tmp_path, data_dir, caplog):
         assert small_prepare(tmp_path) == again
     assert "reusing" in caplog.text
     assert (again / "manifest.json").stat().st_mtime_ns == stamp
-    assert [p.name for p in tmp_path.iterdir()] == [again.name]  # no temp dirs left behind
+    assert [p.name for p in tmp_path.iterdir() if p.suffix != ".lock"] == [again.name]  # no temp dirs left
 
 
 def test_prepare_caps_are_seeded(tmp_path):
@@ -217,7 +217,7 @@ class _Crashes(SyntheticSource):
 def test_prepare_crash_leaves_no_data_dir(tmp_path):
     with pytest.raises(RuntimeError, match="disk fell off"):
         small_prepare(tmp_path, source=_Crashes(num_classes=5, per_class_train=12, per_class_test=6))
-    assert not any(tmp_path.iterdir())
+    assert all(p.suffix == ".lock" for p in tmp_path.iterdir())  # no data dir, no temp dir: the lock only
 
 
 def test_empty_proxy_split_and_empty_stream(tmp_path):

@@ -152,7 +152,8 @@ def test_sigterm_mid_unlearning_records_interrupted_and_a_relaunch_resumes_bit_e
     assert [r["status"] for r in collect(run.parent)] == ["interrupted"]
     cli.main(cfg)  # the relaunch resumes at step 3
     m2 = json.loads((run / "metrics.json").read_text())
-    assert m2["status"] == "ok"
+    assert m2["status"] == "ok" and m2["unlearn_attempts"] == 2
+    assert m2["unlearn_s"] >= sum(json.loads((run / "attempts.json").read_text())["unlearn"]["seconds"][:1])
     ref = torch.load(run_dir(ref_cfg) / "checkpoint.pt", weights_only=True)
     got = torch.load(run / "checkpoint.pt", weights_only=True)
     assert all(torch.equal(ref[k], got[k]) for k in ref)

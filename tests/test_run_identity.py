@@ -45,12 +45,15 @@ def test_an_excluded_key_reuses_the_finished_run(tmp_path, override):
     assert run_dir(other) == run
     cli.main(other)  # skipped: nothing is written
     assert sorted(p.name for p in run.iterdir()) == ["metrics.json"]
+    assert _reference_key(tmp_path, other) == _reference_key(tmp_path, base)
 
 
 @pytest.mark.parametrize("override", RESULT_CHANGING)
-def test_a_trainer_setting_that_changes_results_makes_a_new_run(tmp_path, override):
+def test_a_trainer_setting_that_changes_results_makes_a_new_run_and_reference(tmp_path, override):
     base, other = _cfg(tmp_path), _cfg(tmp_path, override)
     assert config_hash(other) != config_hash(base) and run_dir(other) != run_dir(base)
+    for kind in ("original", "retrain"):
+        assert _reference_key(tmp_path, other, kind) != _reference_key(tmp_path, base, kind)
 
 
 def test_gan_reference_key_follows_precision_not_clipping(tmp_path):

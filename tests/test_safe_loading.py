@@ -2,6 +2,7 @@
 ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` cannot make a tampered file run code; a refused file gets the project's
 own error naming it and saying what to do."""
 
+import json
 import os
 import re
 import subprocess
@@ -13,6 +14,7 @@ import torch
 from conftest import ROOT, compose_cfg, tiny_overrides
 
 from i2i_unlearning.errors import UnsafeFileError
+from i2i_unlearning.runner import build_runner
 from i2i_unlearning.training import fit_resumable, make_trainer
 
 
@@ -64,6 +66,21 @@ def test_tampered_resume_checkpoint_is_refused_by_name(tmp_path, forced_unsafe):
     with pytest.raises(UnsafeFileError, match=f"{re.escape(str(ckpt_dir / 'last.ckpt'))}: refused.*Delete it") as e:
         fit_resumable(trainer, Tiny(), data, ckpt_dir)
     assert "weights_only=False" not in str(e.value)
+    assert not marker.exists()
+
+
+def test_tampered_cached_reference_model_is_refused_by_name(tmp_path, forced_unsafe):
+    marker = tmp_path / "marker"
+    runner = build_runner(compose_cfg(tiny_overrides(tmp_path)), tmp_path / "run", "x")
+    runner.check()
+    runner.data_dir = tmp_path / "data"
+    runner.data_dir.mkdir()
+    (runner.data_dir / "manifest.json").write_text(json.dumps({"config_hash": "d"}))
+    path = runner.reference_path("original")
+    _tamper(path, marker)
+    path.with_suffix(".json").write_text("{}")
+    with pytest.raises(UnsafeFileError, match=f"{re.escape(str(path))}: refused.*Delete it"):
+        runner.reference("original")
     assert not marker.exists()
 
 

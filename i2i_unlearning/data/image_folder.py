@@ -164,13 +164,15 @@ class ImageFolderSource(ImageSource):
         return self.root / self.dirs[split] / rel
 
     def settings(self) -> dict:
-        """What changes the prepared images: the layout, channels and a fingerprint of the file listing
-        (paths relative to root, so a moved tree keeps its prepared shards)."""
+        """What changes the prepared images: the layout, channels and a fingerprint of the file listing with
+        each file's size and modification time (paths relative to root, so a tree moved with its times kept
+        keeps its prepared shards; a file replaced after preparation makes a new data dir)."""
         digest = hashlib.sha256()
         for split in SPLITS:
             digest.update(f"[{self.dirs[split]}]\n".encode())
             for rel in self.index(split)[0]:
-                digest.update(rel.encode() + b"\n")
+                st = os.stat(self.path(split, rel))
+                digest.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
         return {"layout": self.layout, "channels": self.channels, "dirs": self.dirs,
                 "files_sha256": digest.hexdigest()[:16]}
 

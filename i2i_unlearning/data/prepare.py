@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from i2i_unlearning.atomic import locked, share
 from i2i_unlearning.data.shards import ShardWriter, write_shards
 from i2i_unlearning.data.sources import ImageSource
 from i2i_unlearning.errors import ConfigError, DataError
@@ -40,9 +41,16 @@ def load_manifest(data_dir: str | Path) -> dict:
             "(if the dir is left over from an interrupted run, delete it first)"
         )
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise DataError(f"{path} is unreadable ({exc}); delete {data_dir} and re-run prepare") from exc
+    for name, split in manifest.get("splits", {}).items():  # the counts a run plans its steps by must add up
+        counts = {"count": split.get("count"), "its shards' counts": sum(s["count"] for s in split.get("shards", [])),
+                  "its classes' counts": sum(split.get("classes", {}).values())}
+        if len(set(counts.values())) != 1:
+            raise DataError(f"{path}: split {name!r} does not add up ({counts}); the manifest was edited or "
+                            f"damaged: delete {data_dir} and re-run prepare")
+    return manifest
 
 
 def _as_names(value: Sequence[str] | str | None) -> list[str]:
@@ -330,35 +338,41 @@ def prepare(
     check_name(source.name, "data.source.name")  # a path component of the data dir
     out_root = Path(out_root)
     data_dir = out_root / f"{source.name}-{hash12}"
-    if data_dir.exists():
-        if _is_current(data_dir, hash12):
-            log.info("reusing prepared data %s", data_dir)
-            return data_dir
-        raise DataError(
-            f"{data_dir} exists but its manifest.json is missing or belongs to other settings; "
-            "delete that dir and re-run prepare"
-        )
+    with locked(out_root / f".{data_dir.name}.lock", f"the data {data_dir.name}"):  # built once, others wait
+        for orphan in out_root.glob(f".{data_dir.name}.tmp-*"):  # a killed preparation's: nobody else builds now
+            log.info("removing %s, left by an interrupted preparation", orphan)
+            shutil.rmtree(orphan, ignore_errors=True)
+        if data_dir.exists():
+            if _is_current(data_dir, hash12):
+                log.info("reusing prepared data %s", data_dir)
+                return data_dir
+            raise DataError(
+                f"{data_dir} exists but its manifest.json is missing or belongs to other settings; "
+                "delete that dir and re-run prepare"
+            )
 
-    out_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}.tmp-", dir=out_root))
-    try:
-        caps = {"train": {"forget": train_per_class, "retain": train_per_class,
-                          "proxy": train_per_class if proxy_per_class is None else proxy_per_class},
-                "eval": {"forget": eval_per_class, "retain": eval_per_class,
-                         "proxy": eval_per_class if proxy_eval_per_class is None else proxy_eval_per_class}}
-        manifest = _build(source, tmp, classes, image_size, caps, shard_size, seed, items, workers)
-        if draw is not None:
-            manifest["class_draw"] = draw
-        manifest["config_hash"] = hash12
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        log.info("preparing data %s", data_dir)
+        out_root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}.tmp-", dir=out_root))
+        share(tmp, directory=True)
         try:
-            os.replace(tmp, data_dir)
-        except OSError:
-            if not _is_current(data_dir, hash12):
-                raise
-            log.info("reusing prepared data %s (built concurrently by another process)", data_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            caps = {"train": {"forget": train_per_class, "retain": train_per_class,
+                              "proxy": train_per_class if proxy_per_class is None else proxy_per_class},
+                    "eval": {"forget": eval_per_class, "retain": eval_per_class,
+                             "proxy": eval_per_class if proxy_eval_per_class is None else proxy_eval_per_class}}
+            manifest = _build(source, tmp, classes, image_size, caps, shard_size, seed, items, workers)
+            if draw is not None:
+                manifest["class_draw"] = draw
+            manifest["config_hash"] = hash12
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            try:
+                os.replace(tmp, data_dir)
+            except OSError:
+                if not _is_current(data_dir, hash12):
+                    raise
+                log.info("reusing prepared data %s (built concurrently by another process)", data_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     log.info("prepared data %s", data_dir)
     return data_dir
 

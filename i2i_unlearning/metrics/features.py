@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -22,10 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from i2i_unlearning.atomic import torch_save, write_json
+from i2i_unlearning.atomic import locked, torch_save, write_json
 from i2i_unlearning.errors import ConfigError, DataError
 
 Batches = Callable[[], Iterable[tuple[Tensor, Tensor]]]
+
+log = logging.getLogger("i2iu")
 
 
 @runtime_checkable
@@ -214,8 +217,12 @@ def load_or_train_feature_net(cache_dir: Path, key: str, **train_kwargs) -> tupl
     """
     if not re.fullmatch(r"[A-Za-z0-9._=-]+", key):
         raise ConfigError(f"feature-net cache key {key!r}: use only letters, digits and . _ = -")
-    cache_dir = Path(cache_dir)
-    weights = cache_dir / f"feature_net-{key}.pt"
+    weights = Path(cache_dir) / f"feature_net-{key}.pt"
+    with locked(weights.with_suffix(".lock"), f"the feature net {weights.name}"):  # trained once, others wait
+        return _cached_feature_net(weights, train_kwargs)
+
+
+def _cached_feature_net(weights: Path, train_kwargs: dict) -> tuple[FeatureNet, dict]:
     meta_path = weights.with_suffix(".json")
     if weights.exists() and meta_path.exists():
         try:
@@ -236,6 +243,7 @@ def load_or_train_feature_net(cache_dir: Path, key: str, **train_kwargs) -> tupl
 
     args = inspect.signature(train_feature_net).bind(**train_kwargs)
     args.apply_defaults()
+    log.info("training the feature net %s: %s epochs", weights.name, args.arguments["epochs"])
     start = time.perf_counter()
     net, test_acc = train_feature_net(**args.arguments)
     meta = {
@@ -246,7 +254,6 @@ def load_or_train_feature_net(cache_dir: Path, key: str, **train_kwargs) -> tupl
         "image_size": net.image_size,
         "train_s": time.perf_counter() - start,
     }
-    cache_dir.mkdir(parents=True, exist_ok=True)
     # The JSON is written last: a .pt without its .json is never taken for a finished cache.
     torch_save(weights, net.state_dict())
     write_json(meta_path, meta)

@@ -117,9 +117,9 @@ class EvalBatches(IterableDataset):
         for item in self.items:
             wanted.setdefault(item.stream, set()).add(item.index)
         for (kind, task, split), indices in wanted.items():
-            item = EvalItem(kind, task, split, 0)
-            batches = self.dm.eval_batches(item.data_split, task, batch_size=self.batch_size,
-                                           limit=self.sizes[item.stream])
+            data_split = EvalItem(kind, task, split, 0).data_split
+            batches = self.dm.eval_batches(data_split, task, batch_size=self.batch_size,
+                                           limit=self.sizes[kind, task, split])
             for i, batch in enumerate(batches):
                 if i in indices:
                     start = i * self.batch_size
@@ -134,9 +134,9 @@ class RestorationEvaluation(L.LightningModule):
     per task and split), with the floors (class accuracy of the grey / noise-filled input) and, with
     ``metrics.audit``, the membership audit on the headline task.
 
-    After the test, `metrics` and `floors` hold the scores on every rank (they are also logged, so
-    ``trainer.test`` returns them where the ranks were spawned); rank 0 hands the grid rows and the
-    t-SNE embeddings to ``artefacts(grid, embeddings)``.
+    The scores are logged, so ``trainer.test`` returns them on every rank and in the process that spawned
+    the ranks (`logged_scores` reads them); rank 0 hands the grid rows and the t-SNE embeddings to
+    ``artefacts(grid, embeddings)``.
     """
 
     def __init__(self, cfg: DictConfig, dm: ForgetRetainDataModule, model: Family, original: Family,
@@ -162,8 +162,6 @@ class RestorationEvaluation(L.LightningModule):
         self.mia = nn.ModuleDict({
             f"{kind}_{split}": Slots(self.sizes[kind, cfg.task, split], (2,), torch.float64, sync_on_compute=True)
             for kind in ("eval", "members") for split in SPLITS} if self.audit else {})
-        self.metrics: dict[str, float] = {}
-        self.floor_values: dict[str, float] = {}
 
     def on_test_start(self) -> None:
         """Fresh metric states in this process: spawned ranks receive the module's tensors in shared memory,
@@ -231,7 +229,6 @@ class RestorationEvaluation(L.LightningModule):
             rows = self.grid[split].compute().cpu()
             for r, name in enumerate([*GRID_ROWS, cfg.method.name]):
                 grid[f"{split}: {name}"] = rows[:, r]
-        self.metrics, self.floor_values = metrics, floors
         values = {**{f"metrics/{k}": v for k, v in metrics.items()}, **{f"floors/{k}": v for k, v in floors.items()}}
         self.log_dict({k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()}, sync_dist=False)
         if self.trainer.is_global_zero and self.artefacts is not None:

@@ -22,13 +22,14 @@ import lightning as L
 import numpy as np
 import torch
 from hydra.utils import get_class, instantiate
+from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from .atomic import locked, torch_save, write_atomic, write_json, write_text
 from .attempts import StageClock
 from .data.datamodule import ForgetRetainDataModule
-from .data.prepare import config_kwargs, prepare
+from .data.prepare import config_kwargs, load_manifest, prepare
 from .errors import ConfigError
 from .families.base import Family, StageContext
 from .hashing import stable_hash
@@ -352,17 +353,20 @@ class I2IRunner(Runner):
         info = {f"{method.start_from}_{k}": v for k, v in start_meta.get("pre_train", {}).items()}
         if not method.trains:  # a reference: its cost is its training time
             return start, start_meta["train_s"] if method.start_from == "retrain" else 0.0, info
+        counts = {split: info["count"] for split, info in load_manifest(self.data_dir)["splits"].items()}
+        method.set_epochs(counts["forget_train"], counts[method.retain_split])
         log.info("unlearning: %s on %s for %d steps", method.name, cfg.model.name, method.steps)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         module = UnlearnModule(start, method, **perf_options(cfg))
-        streams = {"retain": [method.retain_split]}
+        streams, sizes = {"retain": [method.retain_split]}, {"retain": method.batch_size}
         if method.needs_forget:
-            streams["forget"] = ["forget_train"]
-        dm = datamodule(cfg, self.data_dir, streams, method.batch_size, method.steps, cfg.seed, start.mask_patch)
+            streams["forget"], sizes["forget"] = ["forget_train"], method.forget_batch_size
+        dm = datamodule(cfg, self.data_dir, streams, sizes, method.steps, cfg.seed, start.mask_patch)
         ckpt_dir = self.run_dir / "resume"
+        trainer = make_trainer(cfg, method.steps, logger=self.logger, ckpt_dir=ckpt_dir, root=self.run_dir,
+                               **unlearn_settings(method))
         with StageClock(self.run_dir, "unlearn") as clock:  # unlearn_s: the seconds of every attempt, summed
-            fit_resumable(make_trainer(cfg, method.steps, logger=self.logger, ckpt_dir=ckpt_dir, root=self.run_dir),
-                          module, dm, ckpt_dir)
+            fit_resumable(trainer, module, dm, ckpt_dir)
         return module.student.eval(), clock.total, {**info, "unlearn_attempts": len(clock.seconds)}
 
     def evaluate(self, model: Family) -> tuple[dict, dict, dict]:
@@ -370,6 +374,17 @@ class I2IRunner(Runner):
         metrics, floors = run_evaluation(cfg, self.eval_dm, model, self.refs["original"][0], net, embed_net,
                                          root=self.run_dir, artefacts=partial(write_eval_artefacts, self.run_dir))
         return metrics, floors, {"task": cfg.task}
+
+
+def unlearn_settings(method) -> dict:
+    """Trainer settings of a method's own recipe: its gradient clipping (unlearning steps only; the trainer
+    config's value applies otherwise) and an EMA of the weights (``method.ema_decay``), which then is the result."""
+    settings: dict[str, Any] = {}
+    if method.gradient_clip_val is not None:
+        settings["gradient_clip_val"] = float(method.gradient_clip_val)
+    if method.ema_decay is not None:
+        settings["extra_callbacks"] = [EMAWeightAveraging(decay=float(method.ema_decay))]
+    return settings
 
 
 def run_evaluation(cfg: DictConfig, dm: ForgetRetainDataModule, model: Family, original: Family, net,

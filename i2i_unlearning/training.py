@@ -153,11 +153,11 @@ class FiniteLoss(L.Callback):
 
 
 def make_trainer(cfg: DictConfig, max_steps: int = -1, logger=False, ckpt_dir: Path | None = None,
-                 root: Path | None = None, **overrides) -> L.Trainer:
+                 root: Path | None = None, extra_callbacks: tuple[L.Callback, ...] = (), **overrides) -> L.Trainer:
     """The Trainer of ``cfg.trainer`` for ``max_steps`` optimiser steps; with ``ckpt_dir`` it carries the
-    ``cfg.callbacks`` (resume checkpoints written there). ``logger`` False (or None) logs nothing, and
-    nothing is written outside ``root`` / ``ckpt_dir``."""
-    callbacks: list[L.Callback] = [FiniteLoss(), GracefulStop()]
+    ``cfg.callbacks`` (resume checkpoints written there), and ``extra_callbacks`` in any case. ``logger`` False
+    (or None) logs nothing, and nothing is written outside ``root`` / ``ckpt_dir``."""
+    callbacks: list[L.Callback] = [FiniteLoss(), GracefulStop(), *extra_callbacks]
     if ckpt_dir is not None:
         for node in (cfg.get("callbacks") or {}).values():
             callbacks.append(instantiate(node, dirpath=str(ckpt_dir)) if "dirpath" in node else instantiate(node))

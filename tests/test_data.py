@@ -360,6 +360,13 @@ def test_stream_batches(data_dir):
     assert set(retain_labels.tolist()) == {1, 2}
 
 
+def test_streams_take_their_own_batch_sizes(data_dir):
+    batches = epoch(make_dm(data_dir, batch_size={"forget": 3, "retain": 5}).train_dataloader())
+    assert [(b["forget"]["image"].shape[0], b["retain"]["image"].shape[0]) for b in batches] == [(3, 5)] * 3
+    with pytest.raises(ConfigError, match="batch size 0 for stream 'forget'"):
+        make_dm(data_dir, batch_size={"retain": 5})
+
+
 def test_single_stream_is_still_keyed_by_name(data_dir):
     dm = make_dm(
         data_dir, streams={"train": ["forget_train", "retain_train", "proxy_train"]}, epoch_batches=4

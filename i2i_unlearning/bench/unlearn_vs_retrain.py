@@ -98,8 +98,12 @@ def unlearn_to_criterion(cfg: DictConfig, data_dir, original: Family, net, devic
     criterion = _Criterion(every, max_steps, score, device=device,
                            met=lambda f: f["forget_fid_x"] >= b.forget_fid_x and f["retain_fid_x"] <= b.retain_fid_x)
     streams = {"retain": [method.retain_split], "forget": ["forget_train"]}
-    dm = runner.datamodule(cfg, data_dir, streams, method.batch_size, max_steps, cfg.seed, original.mask_patch)
-    make_trainer(cfg, max_steps, callbacks=[criterion]).fit(UnlearnModule(original, method, **perf), dm)
+    sizes = {"retain": method.batch_size, "forget": method.forget_batch_size}
+    dm = runner.datamodule(cfg, data_dir, streams, sizes, max_steps, cfg.seed, original.mask_patch)
+    settings = runner.unlearn_settings(method)
+    trainer = make_trainer(cfg, max_steps, extra_callbacks=[criterion, *settings.pop("extra_callbacks", [])],
+                           **settings)
+    trainer.fit(UnlearnModule(original, method, **perf), dm)
     met_at = criterion.met_at
     return {"method": method.name, "batch_size": method.batch_size, "alpha": method.alpha, "lr": method.lr,
             "criterion": f"forget FID >= {b.forget_fid_x}x original's and retain FID <= {b.retain_fid_x}x, "

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from itertools import islice
 from pathlib import Path
 
@@ -186,7 +186,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
         self,
         data_dir: str | Path,
         streams: dict[str, list[str]],
-        batch_size: int = 64,
+        batch_size: int | dict[str, int] = 64,
         epoch_batches: int = 100,
         num_workers: int = 0,
         patch: int = 4,
@@ -201,7 +201,8 @@ class ForgetRetainDataModule(L.LightningDataModule):
         self.data_dir = Path(data_dir)
         self._manifest = load_manifest(self.data_dir)
         self.streams = {str(name): [str(s) for s in splits] for name, splits in dict(streams).items()}
-        self.batch_size = batch_size
+        sizes = batch_size if isinstance(batch_size, Mapping) else dict.fromkeys(self.streams, batch_size)
+        self.batch_sizes = {name: int(sizes.get(name, 0)) for name in self.streams}  # rows per step, per stream
         self.epoch_batches = epoch_batches
         self.num_workers = num_workers
         self.patch = patch
@@ -220,9 +221,11 @@ class ForgetRetainDataModule(L.LightningDataModule):
         self._skips: dict[str, int] = {}
 
     def _check_settings(self) -> None:
-        for name in ("batch_size", "epoch_batches"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)}: use a positive integer")
+        for name, size in self.batch_sizes.items():
+            if size < 1:
+                raise ConfigError(f"batch size {size} for stream {name!r}: use a positive integer per stream")
+        if self.epoch_batches < 1:
+            raise ConfigError(f"epoch_batches={self.epoch_batches}: use a positive integer")
         if self.num_workers < 0:
             raise ConfigError(f"num_workers={self.num_workers}: use 0 (main process) or more")
         if self.seed < 0:
@@ -301,7 +304,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
             _Shuffle(self.shuffle_buffer, seed, epoch),
             _Decode(self.channels),
             _MaskedBatches(
-                self.batch_size, self.image_size, self.patch, self.mask_ratio, self.mask_kinds, seed,
+                self.batch_sizes[name], self.image_size, self.patch, self.mask_ratio, self.mask_kinds, seed,
                 _stream_seed(self.seed, "mask shape") if self.shared_mask_shape else None, epoch,
                 None if self.fixed_task is None else eval_mask(self.fixed_task, self.image_size, self.patch),
             ),

@@ -10,6 +10,12 @@ Each method is chosen by Hydra ``_target_`` (conf/method/*.yaml) and says:
 The formulas are in docs/algorithms.md. Batches are dicts with "image" and "mask" (and, from the
 data module, "key": the items' ids, which the optional teacher cache uses).
 
+Two constructions (``method.construction``): ``paper`` writes each loss as the paper does (a mean per
+split); ``reference`` builds it as the public code (the paper's released MAGE and Palette code) does:
+one mixed batch of retain and forget rows reduced as a whole (`mixed_terms`), noise statistics of the
+whole mixed batch, and each family's own forget inputs and targets (the reference hooks of
+families/base.py). Each method class keeps both behind one switch.
+
 Frozen-teacher fast paths (``FrozenTeacher``): every teacher call runs under ``torch.inference_mode``
 and hands back ordinary tensors (clones: inference tensors cannot be saved for backward, and a loss
 target is); a method's teacher calls of one step go in ONE batched call when the family says their
@@ -21,6 +27,7 @@ state (not diffusion).
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from functools import partial
 
@@ -41,8 +48,32 @@ def embedding_mse(student: Embedding, target: Embedding) -> Tensor:
     return sum(F.mse_loss(s, t) for s, t in zip(student, target, strict=True))
 
 
-def _map(fn, emb: Embedding) -> Embedding:
-    return fn(emb) if isinstance(emb, Tensor) else [fn(e) for e in emb]
+CONSTRUCTIONS = ("paper", "reference")
+
+
+def row_mse(out: Embedding, target: Embedding) -> Tensor:
+    """Per-row mean squared error (B,), the public code's per-sample reduction; a list of feature maps is summed."""
+    if isinstance(out, Tensor):
+        return (out - target).pow(2).flatten(1).mean(1)
+    return sum(row_mse(o, t) for o, t in zip(out, target, strict=True))
+
+
+def mixed_terms(retain_rows: Tensor, forget_rows: Tensor) -> tuple[Tensor, Tensor]:
+    """The public code's reduction of one mixed batch: each term is the sum of its own rows' losses over the
+    number of ALL rows (retain + forget), so each is scaled by its share of the batch. (MAGE's ``ours`` and its
+    embedding / logit baselines weight a row by 1 +- its label, twice this: a constant scale.)"""
+    total = retain_rows.shape[0] + forget_rows.shape[0]
+    return retain_rows.sum() / total, forget_rows.sum() / total
+
+
+def gaussian_like(like: Tensor, stats: Tensor) -> Tensor:
+    """N(mean, std^2) noise shaped like ``like``, with the scalar mean and std of ``stats``'s values."""
+    return torch.randn_like(like) * stats.std() + stats.mean()
+
+
+def _map(fn, emb: Embedding, *more: Embedding) -> Embedding:
+    """``fn`` over a tensor, or over each feature map of a list (zipped with the maps of ``more``)."""
+    return fn(emb, *more) if isinstance(emb, Tensor) else [fn(*maps) for maps in zip(emb, *more, strict=True)]
 
 
 def _clone(out: Embedding) -> Embedding:
@@ -142,20 +173,21 @@ def teacher_outputs(teacher, fn: str, requests: list[tuple]) -> list[Embedding]:
     return teacher.outputs(fn, requests)
 
 
-def student_embeds(student: Family, teacher, requests: list[tuple]) -> list[Embedding]:
-    """The student's embeddings of ``(image, mask, state)`` requests, in one batched call when the
-    family allows it (as the teacher's: a student equal to the teacher then gives equal embeddings,
+def student_outputs(student: Family, teacher, fn: str, requests: list[tuple]) -> list[Embedding]:
+    """The student's ``fn`` (``embed``, ``raw_output``) of ``(image, mask, state)`` requests, in one batched call
+    when the family allows it (as the teacher's: a student equal to the teacher then gives equal outputs,
     bit for bit) and batching is on (``FrozenTeacher.batch``)."""
+    call = getattr(student, fn)
     batch = teacher.batch if isinstance(teacher, FrozenTeacher) else True
     if batch and len(requests) > 1 and student.batchable([r[1] for r in requests]):
-        out = student.embed(torch.cat([r[0] for r in requests]), torch.cat([r[1] for r in requests]),
-                            state=student.join_states([r[2] for r in requests]))
+        out = call(torch.cat([r[0] for r in requests]), torch.cat([r[1] for r in requests]),
+                   state=student.join_states([r[2] for r in requests]))
         parts, start = [], 0
         for r in requests:
             parts.append(_rows(out, slice(start, start + r[0].shape[0])))
             start += r[0].shape[0]
         return parts
-    return [student.embed(image, mask, state=state) for image, mask, state in requests]
+    return [call(image, mask, state=state) for image, mask, state in requests]
 
 
 def draw_state(student: Family, batch: dict):
@@ -184,6 +216,12 @@ class UnlearningMethod:
         retain_split: str = "retain_train",
         noise: str = "normal",
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        forget_batch_size: int | None = None,
+        gradient_clip_val: float | None = None,
+        ema_decay: float | None = None,
+        epochs: float | None = None,
+        construction: str = "paper",
     ):
         if retain_split not in ("retain_train", "proxy_train"):
             raise ConfigError(
@@ -191,6 +229,16 @@ class UnlearningMethod:
             )
         if self.trains and steps < 1:
             raise ConfigError(f"method.steps={steps}: a training method needs at least one step")
+        if construction not in CONSTRUCTIONS:
+            raise ConfigError(f"method.construction={construction!r}: use one of {list(CONSTRUCTIONS)} (paper: the "
+                              "formulas as the paper writes them; reference: as the public code builds them)")
+        if forget_batch_size is not None and forget_batch_size < 1:
+            raise ConfigError(f"method.forget_batch_size={forget_batch_size}: use a positive integer, or null "
+                              "(as method.batch_size)")
+        if epochs is not None and epochs <= 0:
+            raise ConfigError(f"method.epochs={epochs}: use a positive number of passes, or null (method.steps)")
+        if ema_decay is not None and not 0.0 <= ema_decay <= 1.0:
+            raise ConfigError(f"method.ema_decay={ema_decay}: use a decay in [0, 1], or null (no weight average)")
         self.name = name
         self.alpha = float(alpha)
         self.steps = int(steps)
@@ -199,8 +247,23 @@ class UnlearningMethod:
         self.batch_size = int(batch_size)
         self.retain_split = retain_split
         self.noise = noise
+        self.construction = construction  # "paper" | "reference" (the module docstring)
         # params -> optimiser (a `_partial_` config node); None: AdamW at ``lr`` / ``weight_decay``
         self.optimizer = optimizer or partial(torch.optim.AdamW, lr=self.lr, weight_decay=self.weight_decay)
+        # (optimiser, total_steps) -> lr schedule stepped per optimiser step (a `_partial_` node); None: constant lr
+        self.scheduler = scheduler
+        self.forget_batch_size = int(forget_batch_size or batch_size)  # forget rows per step (D_F stream)
+        self.gradient_clip_val = gradient_clip_val  # clip the gradient norm of the unlearning steps only
+        self.ema_decay = ema_decay  # an exponential moving average of the trained weights is the result
+        self.epochs = epochs  # passes over D_F + D_R; set: `steps` follows from the data (`set_epochs`)
+
+    def set_epochs(self, forget_images: int, retain_images: int) -> None:
+        """With ``epochs``: ``steps`` = epochs x (forget + retain images) / (rows per step), as the public code
+        counts an epoch over its mixed forget + retain set."""
+        if self.epochs is not None:
+            rows = self.batch_size + (self.forget_batch_size if self.needs_forget else 0)
+            images = retain_images + (forget_images if self.needs_forget else 0)
+            self.steps = max(1, math.ceil(self.epochs * images / rows))
 
     def trainable_parameters(self, student: Family) -> list[torch.nn.Parameter]:
         """Parameters the optimiser updates (the encoder only, or the whole model)."""
@@ -213,6 +276,18 @@ class UnlearningMethod:
     def loss(self, student: Family, teacher: Family, forget: dict | None, retain: dict) -> dict[str, Tensor]:
         """Return {"loss": total, "retain": retain term, "forget": forget term (if any)}."""
         raise NotImplementedError
+
+    def combine(self, r: Tensor, f: Tensor) -> dict[str, Tensor]:
+        """The loss r + alpha * f with its two terms."""
+        return {"loss": r + self.alpha * f, "retain": r, "forget": f}
+
+    def mse_terms(self, r_out: Embedding, r_target: Embedding, f_out: Embedding, f_target: Embedding
+                  ) -> dict[str, Tensor]:
+        """Squared distances of retain and forget outputs to their targets: each split's mean (``paper``), or the
+        per-row means reduced over the mixed batch (``reference``, `mixed_terms`)."""
+        if self.construction == "reference":
+            return self.combine(*mixed_terms(row_mse(r_out, r_target), row_mse(f_out, f_target)))
+        return self.combine(embedding_mse(r_out, r_target), embedding_mse(f_out, f_target))
 
 
 class Reference(UnlearningMethod):
@@ -229,76 +304,129 @@ class Reference(UnlearningMethod):
 
 
 class Ours(UnlearningMethod):
-    """Encoder-only: retain embeddings stay E0's; forget embeddings go to E0(T(noise))."""
+    """Encoder-only: retain embeddings stay E0's; forget embeddings go to E0(T(noise)).
+
+    ``reference``: the forget target is E0 of the public code's noise input (`noise_request`), both terms
+    reduced over the mixed batch."""
 
     encoder_only = True
 
     def loss(self, student, teacher, forget, retain):
         sr, sf = draw_state(student, retain), draw_state(student, forget)
-        noise = self.noise_like(forget["image"])  # the teacher draws nothing, so the RNG order is unchanged
         r_target, f_target = teacher_outputs(teacher, "embed", [
-            (retain["image"], retain["mask"], sr, retain.get("key")), (noise, forget["mask"], sf, None)])
-        r_emb, f_emb = student_embeds(student, teacher, [(retain["image"], retain["mask"], sr),
-                                                         (forget["image"], forget["mask"], sf)])
-        r, f = embedding_mse(r_emb, r_target), embedding_mse(f_emb, f_target)
-        return {"loss": r + self.alpha * f, "retain": r, "forget": f}
+            (retain["image"], retain["mask"], sr, retain.get("key")), self.noise_request(student, forget, retain, sf)])
+        r_emb, f_emb = student_outputs(student, teacher, "embed", [(retain["image"], retain["mask"], sr),
+                                                                  (forget["image"], forget["mask"], sf)])
+        return self.mse_terms(r_emb, r_target, f_emb, f_target)
+
+    def noise_request(self, student: Family, forget: dict, retain: dict, state) -> tuple:
+        """The teacher's (image, mask, state, key) for the forget target. ``paper``: a noise image of the forget
+        batch. ``reference``: the forget image with pure noise in its hole, same timestep and noise, where the
+        family has such a state (diffusion, as the public Palette code); else a noise image with the statistics
+        of the whole mixed batch (as the public MAGE code)."""
+        if self.construction == "paper":  # the teacher draws nothing, so the RNG order is unchanged
+            return self.noise_like(forget["image"]), forget["mask"], state, None
+        pure = student.pure_noise_state(state)
+        if pure is not None:
+            return forget["image"], forget["mask"], pure, None
+        mixed = torch.cat([retain["image"], forget["image"]])
+        return self.noise_like(mixed)[retain["image"].shape[0]:], forget["mask"], state, None
 
 
 class RandomEncoder(UnlearningMethod):
-    """Encoder-only: forget target = Gaussian with the statistics of E0's forget embeddings."""
+    """Encoder-only: forget target = Gaussian with the statistics of E0's forget embeddings.
+
+    ``reference``: the statistics are those of E0's embeddings of the whole mixed batch (per feature map), whose
+    forget rows the teacher sees as the public code feeds them (diffusion: pure noise in the hole, as Palette's
+    branch of this baseline does); both terms reduced over the mixed batch. The released MAGE baseline code
+    weights both terms by (1 + label), so its forget term never reaches a forget row; here it does (the fix)."""
 
     encoder_only = True
 
     def loss(self, student, teacher, forget, retain):
         sr, sf = draw_state(student, retain), draw_state(student, forget)
+        reference = self.construction == "reference"
+        pure = student.pure_noise_state(sf) if reference else None
         r_target, f_teacher = teacher_outputs(teacher, "embed", [
             (retain["image"], retain["mask"], sr, retain.get("key")),
-            (forget["image"], forget["mask"], sf, forget.get("key"))])
-        f_target = _map(lambda t: torch.randn_like(t) * t.std() + t.mean(), f_teacher)
-        r_emb, f_emb = student_embeds(student, teacher, [(retain["image"], retain["mask"], sr),
-                                                         (forget["image"], forget["mask"], sf)])
-        r, f = embedding_mse(r_emb, r_target), embedding_mse(f_emb, f_target)
-        return {"loss": r + self.alpha * f, "retain": r, "forget": f}
+            (forget["image"], forget["mask"], sf if pure is None else pure, forget.get("key"))])
+        if reference:
+            f_target = _map(lambda r, f: gaussian_like(f, torch.cat([r.flatten(), f.flatten()])), r_target, f_teacher)
+        else:
+            f_target = _map(lambda t: gaussian_like(t, t), f_teacher)
+        r_emb, f_emb = student_outputs(student, teacher, "embed", [(retain["image"], retain["mask"], sr),
+                                                                  (forget["image"], forget["mask"], sf)])
+        return self.mse_terms(r_emb, r_target, f_emb, f_target)
 
 
 class MaxLoss(UnlearningMethod):
-    """Full model, gradient ascent on forget: task loss on D_R minus alpha * task loss on D_F."""
+    """Full model, gradient ascent on forget: task loss on D_R minus alpha * task loss on D_F.
+
+    ``reference``: per-row task losses (``row_losses``) reduced over the mixed batch: MAGE's cross-entropy sums
+    over the mixed batch's masked tokens, Palette's noise MSE with sign -1 on the forget rows."""
 
     def loss(self, student, teacher, forget, retain):
-        r = student.task_loss(retain["image"], retain["mask"])
-        f = student.task_loss(forget["image"], forget["mask"])
+        xr, mr, xf, mf = retain["image"], retain["mask"], forget["image"], forget["mask"]
+        if self.construction == "reference":
+            r, f = mixed_terms(student.row_losses(xr, mr), student.row_losses(xf, mf))
+        else:
+            r, f = student.task_loss(xr, mr), student.task_loss(xf, mf)
         return {"loss": r - self.alpha * f, "retain": r, "forget": f}
 
 
 class NoisyLabel(UnlearningMethod):
-    """Full model: forget targets are the task targets of a noise image."""
+    """Full model: forget targets are the task targets of a noise image.
+
+    ``reference`` (``method.noise`` does not apply): where the family has a pure-noise state (diffusion, as the
+    public Palette code) the forget input holds pure noise in the hole and the target stays that noise; else
+    the forget targets are drawn from N(mean, std^2) of the mixed batch's targets (``noise_target``: MAGE's
+    random token ids; for pixels, MAE, the same construction). Per-row task losses reduced over the mixed batch."""
 
     def loss(self, student, teacher, forget, retain):
-        r = student.task_loss(retain["image"], retain["mask"])
-        noisy_target = student.target_of(self.noise_like(forget["image"]))
-        f = student.task_loss(forget["image"], forget["mask"], target=noisy_target)
-        return {"loss": r + self.alpha * f, "retain": r, "forget": f}
+        xr, mr, xf, mf = retain["image"], retain["mask"], forget["image"], forget["mask"]
+        if self.construction == "paper":
+            r = student.task_loss(xr, mr)
+            noisy_target = student.target_of(self.noise_like(xf))
+            return self.combine(r, student.task_loss(xf, mf, target=noisy_target))
+        sr, sf = draw_state(student, retain), draw_state(student, forget)
+        pure = student.pure_noise_state(sf)
+        r_target = student.target_of(xr)
+        if pure is None:
+            targets = student.noise_target(torch.cat([r_target, student.target_of(xf)]))[xr.shape[0]:]
+            f_rows = student.row_losses(xf, mf, target=targets, state=sf)
+        else:
+            f_rows = student.row_losses(xf, mf, state=pure)
+        return self.combine(*mixed_terms(student.row_losses(xr, mr, target=r_target, state=sr), f_rows))
 
 
 class RetainLabel(UnlearningMethod):
     """Full model: distil D_R to the original's outputs; D_F targets = original outputs of
-    *other* (retain) images of the batch under the forget mask."""
+    *other* (retain) images of the batch under the forget mask.
+
+    ``reference``: MSE of the raw outputs over the whole image (``raw_output``: MAGE's full logits, Palette's
+    noise estimate; MAE's pixels), retain rows against the original's outputs of themselves, forget rows against
+    those of the batch's retain rows tiled; reduced over the mixed batch. The released MAGE baseline code
+    weights both terms by (1 + label), so its forget term never reaches a forget row; here it does (the fix)."""
 
     def loss(self, student, teacher, forget, retain):
         xr, mr, xf, mf = retain["image"], retain["mask"], forget["image"], forget["mask"]
         sr, sf = draw_state(student, retain), draw_state(student, forget)
         idx = torch.arange(xf.shape[0], device=xr.device) % xr.shape[0]
         keys = retain.get("key")
+        if self.construction == "reference":
+            (r_target,) = teacher_outputs(teacher, "raw_output", [(xr, mr, sr, keys)])
+            r_out, f_out = student_outputs(student, teacher, "raw_output", [(xr, mr, sr), (xf, mf, sf)])
+            return self.mse_terms(r_out, r_target, f_out, r_target[idx])
         other_keys = None if keys is None else [keys[i % len(keys)] for i in range(xf.shape[0])]
         r_target, f_target = teacher_outputs(teacher, "predict", [
             (xr, mr, sr, keys), (xr[idx], mf, sf, other_keys)])
         r = student.task_loss(xr, mr, target=r_target, state=sr)
         f = student.task_loss(xf, mf, target=f_target, state=sf)
-        return {"loss": r + self.alpha * f, "retain": r, "forget": f}
+        return self.combine(r, f)
 
 
 class Finetune(UnlearningMethod):
-    """Reference: continue training the full model on D_R only."""
+    """Reference: continue training the full model on D_R only (one construction: the public code has none)."""
 
     needs_forget = False
     family_training = True  # the family's own training on D_R: a runner may run it with the family's own step

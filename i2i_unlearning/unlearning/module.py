@@ -80,5 +80,10 @@ class UnlearnModule(L.LightningModule):
         return out["loss"]
 
     def configure_optimizers(self):
+        """The method's optimiser over the trained parameters, and its lr schedule (per step) when it has one."""
         params = [p for p in self.student.parameters() if p.requires_grad]
-        return self.method.optimizer(params)
+        opt = self.method.optimizer(params)
+        if self.method.scheduler is None:
+            return opt
+        sched = self.method.scheduler(opt, total_steps=self.method.steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -227,3 +227,83 @@ class MNISTSource(ImageSource):
             test[np.random.default_rng([self.seed, digit]).choice(idx, n_test, replace=False)] = True
         keep = test if split == "test" else ~test
         return images[keep], labels[keep]
+
+
+class CIFAR10Source(ImageSource):
+    """CIFAR-10 (50k train + 10k test, 32x32 RGB) from its binary distribution ``cifar-10-batches-bin``.
+
+    Each ``.bin`` file holds records of 1 label byte and 3072 pixel bytes (the 1024 red, then green, then
+    blue values of a row-major 32x32 image); ``batches.meta.txt`` names the classes one per line. The train
+    split is ``data_batch_1.bin`` ... ``data_batch_5.bin`` in that order (a key is the index into it), the
+    test split ``test_batch.bin``. ``root`` is the folder holding ``cifar-10-batches-bin`` or that folder
+    itself. Every file is checked (present, a whole number of records) on first use of the source (the
+    config check reads ``class_names``), before any image is read.
+    """
+
+    name = "cifar10"
+    channels = 3
+    image_size = 32
+    RECORD = 1 + 3 * 32 * 32
+    FILES = {"train": [f"data_batch_{i}.bin" for i in range(1, 6)], "test": ["test_batch.bin"]}
+    FOLDER = "cifar-10-batches-bin"
+
+    def __init__(self, root: str = "data_cache/cifar10"):
+        root_path = Path(root)
+        self.root = root_path / self.FOLDER if (root_path / self.FOLDER).is_dir() else root_path
+        self._checked: tuple[list[str], dict[str, int]] | None = None
+
+    def _check(self) -> tuple[list[str], dict[str, int]]:
+        """(class names, records per file), every file checked once."""
+        if self._checked is None:
+            records = {f: self._count(self._file(f)) for split in SPLITS for f in self.FILES[split]}
+            meta = self._file("batches.meta.txt")
+            names = [line.strip() for line in meta.read_text().splitlines() if line.strip()]
+            if len(names) != 10:
+                raise DataError(f"{meta} names {len(names)} classes; expected the 10 CIFAR-10 class names, "
+                                "one per line")
+            self._checked = names, records
+        return self._checked
+
+    @property
+    def class_names(self) -> list[str]:  # type: ignore[override]
+        """The names in batches.meta.txt, in label order."""
+        return self._check()[0]
+
+    def _file(self, filename: str) -> Path:
+        path = self.root / filename
+        if not path.is_file():
+            raise DataError(
+                f"CIFAR-10 file {path} is missing; expected the binary version's {self.FOLDER}/ (data_batch_1.bin "
+                "... data_batch_5.bin, test_batch.bin, batches.meta.txt). Unpack cifar-10-binary.tar.gz and set "
+                f"data.source.root to the folder holding {self.FOLDER}/ (docs/gan.md)"
+            )
+        return path
+
+    def _count(self, path: Path) -> int:
+        size = path.stat().st_size
+        if size == 0 or size % self.RECORD:
+            raise DataError(f"{path} is {size} bytes; expected a positive multiple of {self.RECORD} (records of "
+                            "1 label byte + 3072 pixel bytes): the file is truncated or not CIFAR-10 binary")
+        return size // self.RECORD
+
+    def settings(self) -> dict:
+        """The record count of every file (the real distribution, or another set of files)."""
+        return {"format": "binary", "records": self._check()[1]}
+
+    def load(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """The split's images (N,32,32,3) and labels (N,), files in order."""
+        self._check_split(split)
+        names, records = self._check()
+        images, labels = [], []
+        for filename in self.FILES[split]:
+            path = self._file(filename)
+            raw = np.fromfile(path, dtype=np.uint8)
+            if raw.size != records[filename] * self.RECORD:
+                raise DataError(f"{path} changed since it was checked ({raw.size} bytes, expected "
+                                f"{records[filename] * self.RECORD}); run again")
+            rows = raw.reshape(-1, self.RECORD)
+            if rows[:, 0].max() >= len(names):
+                raise DataError(f"{path} has label {int(rows[:, 0].max())}; expected labels 0-9, one per record")
+            labels.append(rows[:, 0].astype(np.int64))
+            images.append(rows[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels)

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from .data.prepare import check_split_config, config_kwargs
 from .errors import ConfigError
 from .runs import check_run_names, semantic_config
+from .unlearning.methods import CONSTRUCTIONS
 
 
 def _int_at_least(low: int) -> Callable[[Any], bool]:
@@ -49,6 +50,7 @@ RULES: list[tuple[Callable[[str], bool], Callable[[Any], bool], str]] = [
     (lambda k: k in ("alpha", "weight_decay", "gradient_clip_val"), _number(lambda v: v >= 0), "a number >= 0"),
     (lambda k: k.endswith("_share"), _number(lambda v: 0 <= v <= 1), "a number in [0, 1]"),
     (lambda k: k == "mask_ratio", _ratio_range, "[low, high] with 0 <= low <= high <= 1"),
+    (lambda k: k == "construction", lambda v: v in CONSTRUCTIONS, f"one of {list(CONSTRUCTIONS)}"),
 ]
 NOT_VALUES = ("hydra", "run_hash_exclude", "sizes")  # nodes that hold no run values (sizes: read through the keys)
 

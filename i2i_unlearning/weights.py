@@ -111,30 +111,39 @@ def _listing(names: list[str], limit: int = 40) -> str:
     return ", ".join(names[:limit]) + more
 
 
+def mismatch(expected: Mapping[str, tuple[int, ...]], state: Mapping[str, Tensor]) -> str:
+    """How ``state`` differs from the tensor names and shapes ``expected``: its missing, unexpected and
+    mis-shaped names ("" when it has exactly those)."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(f"{k} {tuple(state[k].shape)} (model: {tuple(expected[k])})"
+                    for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k]))
+    parts = [f"{len(missing)} missing: {_listing(missing)}" if missing else "",
+             f"{len(unexpected)} unexpected: {_listing(unexpected)}" if unexpected else "",
+             f"{len(shapes)} of another shape: {_listing(shapes)}" if shapes else ""]
+    return "; ".join(p for p in parts if p)
+
+
 def load_weights(module: nn.Module, path: str | Path, what: str = "weights",
                  state: dict[str, Tensor] | None = None) -> dict:
     """Load a local weights file into ``module`` strictly; returns {"path", "tensors"}.
 
     A module may define ``adapt_pretrained(state_dict) -> state_dict`` to accept an external layout
-    (e.g. a bare diffusers UNet). Missing, unexpected and mis-shaped tensors fail with their names.
+    (e.g. a bare diffusers UNet); a ConfigError it raises is reported with the file. Missing, unexpected
+    and mis-shaped tensors fail with their names.
     ``state``: the file's tensors when the caller has already read them (`read_state_dict`)."""
     state = read_state_dict(path, what) if state is None else state
     adapt = getattr(module, "adapt_pretrained", None)
     if adapt is not None:
-        state = adapt(state)
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = sorted(f"{k} {tuple(state[k].shape)} (model: {tuple(expected[k].shape)})"
-                    for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    if missing or unexpected or shapes:
-        parts = [f"{len(missing)} missing: {_listing(missing)}" if missing else "",
-                 f"{len(unexpected)} unexpected: {_listing(unexpected)}" if unexpected else "",
-                 f"{len(shapes)} of another shape: {_listing(shapes)}" if shapes else ""]
+        try:
+            state = adapt(state)
+        except ConfigError as exc:
+            raise ConfigError(f"{what}={path}: {exc}") from None
+    problems = mismatch({k: tuple(v.shape) for k, v in module.state_dict().items()}, state)
+    if problems:
         raise ConfigError(
-            f"{what}={path} does not fit {type(module).__name__} as configured: "
-            + "; ".join(p for p in parts if p)
-            + ". Check that the model config (sizes, widths, depths) is the one the checkpoint was trained with"
+            f"{what}={path} does not fit {type(module).__name__} as configured: {problems}"
+            ". Check that the model config (sizes, widths, depths) is the one the checkpoint was trained with"
         )
     module.load_state_dict(state, strict=True)
     return {"path": str(Path(path).expanduser()), "tensors": len(state)}

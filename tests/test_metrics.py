@@ -184,6 +184,27 @@ def test_one_feature_pass_per_image_tensor(trained, data):
     assert calls == [16, 16]  # ground truth once, outputs once: FID, IS, cosine and accuracy share them
 
 
+def test_a_model_that_resizes_itself_gets_the_images_at_their_size():
+    """BatchFeatures resizes to image_size (bilinear) unless the model says it resizes itself (the FID network)."""
+
+    class Probe(torch.nn.Module):
+        embed_dim, in_channels, image_size = 4, 3, 12
+
+        def __init__(self, resizes_input: bool):
+            super().__init__()
+            self.resizes_input, self.sizes = resizes_input, []
+
+        def embed_with_logits(self, x):
+            self.sizes.append(tuple(x.shape[-2:]))
+            return x.new_zeros(len(x), 4), x.new_zeros(len(x), 2)
+
+    images = torch.rand(2, 1, 20, 20)  # grey: widened to RGB either way
+    for resizes, size in ((True, (20, 20)), (False, (12, 12))):
+        probe = Probe(resizes)
+        BatchFeatures(probe)(images)
+        assert probe.sizes == [size]
+
+
 def test_tiny_split_clamps_inception_splits(trained, data):
     net = trained[0]
     _, (truth, labels) = data

@@ -191,8 +191,8 @@ def test_safetensors_and_wrapped_checkpoints(tmp_path):
     save_file(state, tmp_path / "mae.safetensors")
     assert same_state(original_from(tmp_path, "mae", tmp_path / "mae.safetensors")[0], model)
     # the official MAE release: {"model": ...} with its fixed sin-cos position tables (with a [CLS] slot)
-    official = {**state, "pos_embed": torch.zeros(1, 1 + model.num_patches, model.pos_embed.shape[-1]),
-                "decoder_pos_embed": torch.zeros(1, 1 + model.num_patches, model.decoder_pos_embed.shape[-1])}
+    tables = {"pos_embed": model.pos_embed, "decoder_pos_embed": model.decoder_pos_embed}  # a zero [CLS] row first
+    official = {**state, **{k: torch.cat([torch.zeros(1, 1, t.shape[-1]), t], 1) for k, t in tables.items()}}
     torch.save({"model": official, "epoch": 799}, tmp_path / "mae_official.pth")
     assert same_state(original_from(tmp_path, "mae", tmp_path / "mae_official.pth")[0], model)
 
@@ -362,8 +362,8 @@ def test_paper_presets_compose(preset, family, data, size):
 
     cfg = compose_cfg([f"experiment=[{preset},table1]", "paths.weights_dir=/nowhere"])
     assert (cfg.model.name, cfg.data.name, cfg.model.image_size, cfg.data.image_size) == (family, data, size, size)
-    assert cfg.metrics.features == "inception" and cfg.metrics.embedding == "clip"
-    with pytest.raises(ConfigError, match="/nowhere/inception_v3_google-0cc3c7bd.pth"):
+    assert cfg.metrics.features == "fid_inception" and cfg.metrics.embedding == "clip"
+    with pytest.raises(ConfigError, match="/nowhere/pt_inception-2015-12-05-6726825d.pth"):
         build_runner(cfg, Path("/nowhere"), "x").check()  # the weights are checked before anything else runs
 
 

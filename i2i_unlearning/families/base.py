@@ -15,6 +15,14 @@ are made) and it exposes the hooks the methods need:
   timestep and noise), or None for deterministic families. ``embed``, ``predict`` and
   ``task_loss`` take it as ``state=``, so a method can show student and teacher the same draw.
 
+Hooks of the ``reference`` construction (the public code's losses, unlearning/methods.py):
+
+* ``row_losses(image, mask, target=None)`` -- ``task_loss`` per row, each row reduced as the public
+  code reduces a sample;
+* ``raw_output(image, mask)``   -- the network's raw output over the whole image (``predict`` by default);
+* ``noise_target(targets)``     -- random targets from N(mean, std^2) of a batch's targets;
+* ``pure_noise_state(state)``   -- a state whose input holds pure noise in the hole (diffusion), or None.
+
 Masks are float tensors (B,1,H,W) with 1 = missing pixel (to be generated), 0 = known.
 Images are float tensors (B,C,H,W) in [0, 1].
 """
@@ -31,6 +39,8 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from torch import Tensor, nn
+
+from ..data.degrade import noise_image
 
 Embedding = Tensor | list[Tensor]
 
@@ -97,6 +107,23 @@ class Family(L.LightningModule):
     def task_loss(self, image: Tensor, mask: Tensor, target: Tensor | None = None, state: Any = None) -> Tensor:
         """The family's own training loss on T(image); ``target`` replaces ``target_of(image)``."""
         raise NotImplementedError
+
+    def row_losses(self, image: Tensor, mask: Tensor, target: Tensor | None = None, state: Any = None) -> Tensor:
+        """``task_loss`` per row (B,): each row's loss reduced as the public code reduces one sample."""
+        raise NotImplementedError(f"{type(self).__name__} has no row_losses: method.construction=reference needs it")
+
+    def raw_output(self, image: Tensor, mask: Tensor, state: Any = None) -> Tensor:
+        """The network's raw output for T(image) over the whole image (default: ``predict``)."""
+        return self.predict(image, mask, state=state)
+
+    def noise_target(self, targets: Tensor) -> Tensor:
+        """Random targets shaped like ``targets``: N(mean, std^2) of their values (scalars), clipped to [0, 1]."""
+        return noise_image(targets, "normal")
+
+    def pure_noise_state(self, state: Any) -> Any:
+        """``state`` with pure noise in the input's hole (the public code's diffusion noise input); None: no such
+        state, the methods then use a noise image."""
+        return None
 
     @torch.no_grad()
     def restore(self, image: Tensor, mask: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -29,6 +29,9 @@
   loss is Max Loss. ``predict`` is the model's one-step x0 estimate at the state's timestep,
   clipped to [0, 1] with the known pixels kept, so a teacher's ``predict`` of other images is
   Retain Label's substituted target.
+* Reference construction (unlearning/methods.py): ``pure_noise_state`` marks rows whose x_t is the
+  noise itself inside the hole (the public code's forget input, same timestep and noise);
+  ``raw_output`` is the noise estimate over the whole image; ``row_losses`` the per-row noise MSE.
 
 Presets (conf/model/diffusion.yaml is ``tiny``; conf/experiment/diffusion_paper.yaml is ``paper``):
   tiny  -- 32 px, widths 16-32-64, one layer per block, attention at 8x8 and in the mid block
@@ -53,10 +56,12 @@ SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 
 @dataclass
 class DiffusionState:
-    """The randomness of one diffusion training input: timesteps (B,) and noise (B,C,H,W)."""
+    """The randomness of one diffusion training input: timesteps (B,) and noise (B,C,H,W); ``pure`` (B,) bool
+    marks rows whose x_t is the noise itself inside the hole (`Diffusion.pure_noise_state`)."""
 
     t: Tensor
     noise: Tensor
+    pure: Tensor | None = None
 
 
 class Diffusion(Family):
@@ -179,7 +184,13 @@ class Diffusion(Family):
         """The states of concatenated batches (each drawn with ``sample_state`` on its own batch)."""
         if any(s is None for s in states):
             raise ConfigError("Diffusion.join_states needs a drawn state per batch (sample_state), got None")
-        return DiffusionState(torch.cat([s.t for s in states]), torch.cat([s.noise for s in states]))
+        flags = [s.pure if s.pure is not None else torch.zeros_like(s.t, dtype=torch.bool) for s in states]
+        pure = torch.cat(flags) if any(s.pure is not None for s in states) else None
+        return DiffusionState(torch.cat([s.t for s in states]), torch.cat([s.noise for s in states]), pure)
+
+    def pure_noise_state(self, state: DiffusionState) -> DiffusionState:
+        """``state`` (same timesteps and noise) with x_t equal to the noise inside the hole, in every row."""
+        return DiffusionState(state.t, state.noise, torch.ones_like(state.t, dtype=torch.bool))
 
     def _check_state(self, image: Tensor, mask: Tensor, state: DiffusionState | None) -> DiffusionState:
         if state is None:
@@ -196,10 +207,14 @@ class Diffusion(Family):
 
     def _input(self, image: Tensor, mask: Tensor, hole: Tensor, state: DiffusionState) -> Tensor:
         """[x_t, cond, mask]: x_t noises ``hole`` (an image in [0, 1]) to the state's timestep inside
-        the hole and keeps ``image``'s known pixels; cond is ``image`` with its hole zeroed."""
+        the hole and keeps ``image``'s known pixels; cond is ``image`` with its hole zeroed. Rows the state
+        marks ``pure`` have the noise itself in the hole."""
         ab = self._alpha_bar(state.t).to(image.dtype)
         known = (2 * image - 1) * (1 - mask)
-        x_t = (ab.sqrt() * (2 * hole - 1) + (1 - ab).sqrt() * state.noise) * mask + known
+        noisy = ab.sqrt() * (2 * hole - 1) + (1 - ab).sqrt() * state.noise
+        if state.pure is not None:
+            noisy = torch.where(state.pure.view(-1, 1, 1, 1), state.noise, noisy)
+        x_t = noisy * mask + known
         return torch.cat([x_t, known, mask.to(image.dtype)], dim=1)
 
     # ---- the family contract -----------------------------------------------------------
@@ -221,6 +236,23 @@ class Diffusion(Family):
     def task_loss(self, image: Tensor, mask: Tensor, target: Tensor | None = None,
                   state: DiffusionState | None = None) -> Tensor:
         """Noise MSE inside the hole, for the pair (condition T(image), output ``target``)."""
+        err = self._noise_error(image, mask, target, state)
+        return err.sum() / (mask.sum() * self.channels).clamp_min(1)
+
+    def row_losses(self, image: Tensor, mask: Tensor, target: Tensor | None = None,
+                   state: DiffusionState | None = None) -> Tensor:
+        """Per-row noise MSE: the hole's squared errors over all C*H*W values of the row (the public code's mean
+        over the whole tensor, zero outside the hole)."""
+        return self._noise_error(image, mask, target, state).flatten(1).mean(1)
+
+    def raw_output(self, image: Tensor, mask: Tensor, state: DiffusionState | None = None) -> Tensor:
+        """The noise estimate over the whole image at the state's timestep and noise."""
+        state = self._check_state(image, mask, state)
+        return self._eps(self._input(image, mask, image, state), state.t)
+
+    def _noise_error(self, image: Tensor, mask: Tensor, target: Tensor | None, state: DiffusionState | None
+                     ) -> Tensor:
+        """Squared noise-prediction error inside the hole (zero outside) for the pair (T(image), ``target``)."""
         target = image if target is None else target
         if target.shape != image.shape:
             raise ConfigError(
@@ -229,8 +261,7 @@ class Diffusion(Family):
             )
         state = self._check_state(image, mask, state)
         x = self._input(image, mask, target, state)
-        err = (self._eps(x, state.t) - state.noise) ** 2 * mask
-        return err.sum() / (mask.sum() * self.channels).clamp_min(1)
+        return (self._eps(x, state.t) - state.noise) ** 2 * mask
 
     @torch.no_grad()
     def restore(self, image: Tensor, mask: Tensor, generator: torch.Generator | None = None) -> Tensor:

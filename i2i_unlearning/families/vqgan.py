@@ -18,11 +18,14 @@ bidirectional transformer (timm blocks) that predicts the token ids of the missi
 * ``restore``: MaskGIT iterative parallel decoding (cosine schedule, Gumbel-noised choice of
   the tokens to keep), seeded by the caller's generator, with the token mask widened by
   ``latent_margin`` tokens around the hole (the reference's 1); known pixels are pasted back.
+* Backbones: ``model.tokenizer`` picks the tokenizer (``diffusers`` above, or ``maskgit``: MAGE's
+  MaskGIT VQGAN, families/mage_tokenizer.py) and ``model.transformer`` the token transformer
+  (``vit`` above, or ``mage``: MAGE's, families/mage.py); the MAGE pair loads the MAGE release.
 
 Presets (conf/model/vqgan.yaml is ``tiny``; conf/experiment/vqgan_paper.yaml is ``paper``):
   tiny  -- 32 px, tokens of 4 px (8x8 grid), 128-entry codebook, encoder 4 x 128, decoder 2 x 128;
   paper -- 256 px RGB, tokens of 16 px (16x16 grid), 1024-entry codebook, ViT-B encoder
-           12 x 768, decoder 8 x 768 (MAGE ViT-B).
+           12 x 768, decoder 8 x 768: MAGE ViT-B with its tokenizer (maskgit + mage).
 """
 
 from __future__ import annotations
@@ -41,13 +44,19 @@ from torch import Tensor, nn
 from ..atomic import torch_save, write_json
 from ..errors import ConfigError
 from .base import Family, StageContext
+from .mage_tokenizer import MaskGITVQ
 
 ENCODER_PREFIXES = ("token_emb.", "pos_embed", "cls_token", "blocks.", "norm.")
 
 
 def build_tokenizer(channels: int, image_size: int, block_channels: list[int], layers: int, latent_channels: int,
-                    codebook_size: int, codebook_dim: int, norm_groups: int) -> VQModel:
-    """A diffusers VQ autoencoder from config (no download): ``len(block_channels) - 1`` halvings."""
+                    codebook_size: int, codebook_dim: int, norm_groups: int, kind: str = "diffusers") -> nn.Module:
+    """The VQ autoencoder ``kind`` (``model.tokenizer``) from config (no download), ``len(block_channels) - 1``
+    halvings: ``diffusers`` a diffusers ``VQModel``, ``maskgit`` MAGE's MaskGIT VQGAN (`mage_tokenizer.MaskGITVQ`)."""
+    if kind == "maskgit":
+        return MaskGITVQ(channels, block_channels, layers, latent_channels, codebook_size, codebook_dim, norm_groups)
+    if kind != "diffusers":
+        raise ConfigError(f"model.tokenizer={kind!r}: use diffusers or maskgit")
     n = len(block_channels)
     return VQModel(
         in_channels=channels, out_channels=channels, down_block_types=("DownEncoderBlock2D",) * n,
@@ -127,6 +136,7 @@ class VQGAN(Family):
         name: str = "vqgan",
         pretrained: str | None = None,  # read by the runner (weights of the original model)
         pretrained_tokenizer: str | None = None,
+        tokenizer: str = "diffusers",
     ):
         super().__init__(image_size, channels, train)
         tokenizer_channels = list(tokenizer_channels)
@@ -166,12 +176,17 @@ class VQGAN(Family):
         self._tokenizer_args = dict(
             channels=channels, image_size=image_size, block_channels=tokenizer_channels, layers=tokenizer_layers,
             latent_channels=latent_channels, codebook_size=codebook_size, codebook_dim=codebook_dim,
-            norm_groups=norm_groups,
+            norm_groups=norm_groups, kind=tokenizer,
         )
         self.tokenizer = freeze_as_buffers(build_tokenizer(**self._tokenizer_args))
         self.pretrained_tokenizer = pretrained_tokenizer
+        self._build_transformer(embed_dim, depth, num_heads, decoder_dim, decoder_depth, decoder_heads, mlp_ratio,
+                                dropout, tie_head)
 
-        self.token_emb = nn.Embedding(codebook_size, embed_dim)
+    def _build_transformer(self, embed_dim: int, depth: int, num_heads: int, decoder_dim: int, decoder_depth: int,
+                           decoder_heads: int, mlp_ratio: float, dropout: float, tie_head: bool) -> None:
+        """The token transformer's modules, initialised (`families.mage.MAGE` builds MAGE's instead)."""
+        self.token_emb = nn.Embedding(self.codebook_size, embed_dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, embed_dim))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.emb_drop = nn.Dropout(dropout)
@@ -189,7 +204,7 @@ class VQGAN(Family):
         )
         self.decoder_norm = nn.LayerNorm(decoder_dim)
         self.head = nn.Sequential(nn.Linear(decoder_dim, embed_dim), nn.GELU(), nn.LayerNorm(embed_dim))
-        self.head_out = nn.Linear(embed_dim, codebook_size)
+        self.head_out = nn.Linear(embed_dim, self.codebook_size)
         self._init_weights()
         if tie_head:
             self.head_out.weight = self.token_emb.weight
@@ -363,6 +378,25 @@ class VQGAN(Family):
     def task_loss(self, image: Tensor, mask: Tensor, target: Tensor | None = None, state=None) -> Tensor:
         """Cross-entropy on missing tokens against token ids (B,L) (hard, label-smoothed) or
         against softmax of logits (B,L,V) (soft, e.g. a teacher's ``predict``)."""
+        target = self._checked_target(image, target)
+        missing = self.token_missing(mask)
+        return self._token_ce(self.predict(image, mask)[missing], target[missing])
+
+    def row_losses(self, image: Tensor, mask: Tensor, target: Tensor | None = None, state=None) -> Tensor:
+        """Per-row cross-entropy (targets as ``task_loss``): the mean over each row's missing tokens."""
+        target = self._checked_target(image, target)
+        missing = self.token_missing(mask)
+        ce = self._token_ce(self.predict(image, mask).flatten(0, 1), target.flatten(0, 1), reduction="none")
+        return (ce.view(missing.shape) * missing).sum(1) / missing.sum(1).clamp_min(1)
+
+    def noise_target(self, targets: Tensor) -> Tensor:
+        """Random token ids shaped like ``targets``: round(clamp(N(mean, std^2) of their ids, 0, V - 1))."""
+        ids = targets.float()
+        noise = torch.randn(ids.shape, device=ids.device) * ids.std() + ids.mean()
+        return noise.clamp(0, self.codebook_size - 1).round().long()
+
+    def _checked_target(self, image: Tensor, target: Tensor | None) -> Tensor:
+        """``target`` (default: the image's token ids), checked to be ids (B,L) int64 or logits (B,L,V) float."""
         target = self.target_of(image) if target is None else target
         b, n, v = image.shape[0], self.num_tokens, self.codebook_size
         if target.shape not in ((b, n), (b, n, v)) or (target.dim() == 3) != target.is_floating_point():
@@ -370,11 +404,13 @@ class VQGAN(Family):
                 f"VQGAN.task_loss target of shape {tuple(target.shape)} and dtype {target.dtype}: use token "
                 f"ids ({b}, {n}) int64 or logits ({b}, {n}, {v}) float"
             )
-        missing = self.token_missing(mask)
-        logits = self.predict(image, mask)[missing]
-        if target.dim() == 3:
-            return F.cross_entropy(logits, target[missing].softmax(-1))
-        return F.cross_entropy(logits, target[missing], label_smoothing=self.label_smoothing)
+        return target
+
+    def _token_ce(self, logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+        """Cross-entropy of logits (N,V) against ids (N,) (label-smoothed) or logits (N,V) (their softmax)."""
+        if target.is_floating_point():
+            return F.cross_entropy(logits, target.softmax(-1), reduction=reduction)
+        return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing, reduction=reduction)
 
     def _gumbel(self, shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> Tensor:
         """Gumbel(0, 1) noise drawn from ``generator`` (on the generator's own device), moved to ``device``."""

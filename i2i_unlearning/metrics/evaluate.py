@@ -20,8 +20,9 @@ from i2i_unlearning.metrics.audit import InfoNCE, PairedMoments
 from i2i_unlearning.metrics.features import FeatureModel
 
 
-def prepare_images(x: Tensor, channels: int, size: int) -> Tensor:
-    """uint8 [0, 255] or float [0, 1] images with 1 or 3 channels -> float [0, 1], `channels` x `size` x `size`."""
+def prepare_images(x: Tensor, channels: int, size: int | None) -> Tensor:
+    """uint8 [0, 255] or float [0, 1] images with 1 or 3 channels -> float [0, 1], `channels` x `size` x `size`
+    (bilinear; `size` None: kept at their size)."""
     if x.dim() != 4:
         raise ConfigError(f"images of shape {tuple(x.shape)}: expected (B, C, H, W)")
     x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
@@ -34,7 +35,7 @@ def prepare_images(x: Tensor, channels: int, size: int) -> Tensor:
             raise ConfigError(
                 f"images with {x.shape[1]} channels cannot feed a {channels}-channel feature model"
             )
-    if tuple(x.shape[-2:]) != (size, size):
+    if size is not None and tuple(x.shape[-2:]) != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return x
 
@@ -66,9 +67,8 @@ class BatchFeatures(nn.Module):
         last = self._last
         if last is not None and last[0] is x and last[1] == x._version:
             return last[2]
-        result = self.model.embed_with_logits(
-            prepare_images(x, self.model.in_channels, self.model.image_size)
-        )
+        size = None if getattr(self.model, "resizes_input", False) else self.model.image_size
+        result = self.model.embed_with_logits(prepare_images(x, self.model.in_channels, size))
         self._last = (x, x._version, result)
         return result
 

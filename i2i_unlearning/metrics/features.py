@@ -33,7 +33,10 @@ log = logging.getLogger("i2iu")
 
 @runtime_checkable
 class FeatureModel(Protocol):
-    """What a feature network offers the scorer: its input format and, in one pass, embedding and logits."""
+    """What a feature network offers the scorer: its input format and, in one pass, embedding and logits.
+
+    The scorer resizes images to ``image_size`` (bilinear) unless the model sets ``resizes_input = True``
+    (the FID network, which resizes as clean-fid does): then it gets them at their own size."""
 
     embed_dim: int
     in_channels: int

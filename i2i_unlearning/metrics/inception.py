@@ -12,7 +12,8 @@ Two weights files fit (the same tensor names):
   (1008 classes): recognised by its 1008 outputs, and then run as that network runs, with the
   pooling of its Mixed_5b-7b branches excluding padding and a max pool in Mixed_7c's pool branch,
   so its features are the standard FID features (up to the resize: the reference's clean-fid
-  resizes with PIL bicubic, this one with bilinear interpolation).
+  resizes with PIL bicubic, this one with bilinear interpolation; ``metrics.features=fid_inception``
+  gives the standard FID).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Which feature models score a run, from ``cfg.metrics``.
 
-* ``metrics.features``: ``default`` (the data set's own CNN, trained once and cached) or ``inception``
-  (Inception-v3 from ``metrics.inception_weights``): FID, IS, class accuracy and the input floors.
+* ``metrics.features``: ``default`` (the data set's own CNN, trained once and cached), ``fid_inception``
+  (the standard FID network and resize, from ``metrics.fid_inception_weights``) or ``inception``
+  (torchvision's Inception-v3 from ``metrics.inception_weights``): FID, IS, class accuracy and the input floors.
 * ``metrics.embedding``: ``features`` (the same model's embedding) or ``clip`` (OpenCLIP
   ``metrics.clip_model`` from ``metrics.clip_weights``): cosine similarity, audits and t-SNE.
 
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from i2i_unlearning.errors import ConfigError
 from i2i_unlearning.metrics.features import FeatureModel
 
-FEATURES = ("default", "inception")
+FEATURES = ("default", "fid_inception", "inception")
 EMBEDDINGS = ("features", "clip")
 
 
@@ -31,8 +32,14 @@ def check_metrics_config(m) -> None:
     """Valid choices, their weights files present and open_clip importable (ConfigError otherwise)."""
     from i2i_unlearning.metrics import clip, inception
 
-    if _choice(m, "features", "default", FEATURES) == "inception":
+    features = _choice(m, "features", "default", FEATURES)
+    if features == "inception":
         inception.check_weights_file(m.get("inception_weights"), "metrics.inception_weights", inception.WEIGHTS_HELP)
+    elif features == "fid_inception":
+        from i2i_unlearning.metrics import fid_inception  # imports torch-fidelity: only when asked for
+
+        inception.check_weights_file(m.get("fid_inception_weights"), "metrics.fid_inception_weights",
+                                     fid_inception.WEIGHTS_HELP)
     if _choice(m, "embedding", "features", EMBEDDINGS) == "clip":
         clip.check_weights_file(m.get("clip_weights"), "metrics.clip_weights", clip.WEIGHTS_HELP)
         clip.import_open_clip()
@@ -49,6 +56,12 @@ def feature_models(m, default_net: Callable[[], tuple[FeatureModel, dict]]
 
         net = InceptionFeatures(m.inception_weights)
         info = {"features": "inception", "weights": net.weights_path, "variant": net.variant,
+                "num_classes": net.num_classes}
+    elif m.get("features", "default") == "fid_inception":
+        from i2i_unlearning.metrics.fid_inception import FidInceptionFeatures
+
+        net = FidInceptionFeatures(m.fid_inception_weights)
+        info = {"features": "fid_inception", "weights": net.weights_path, "resize": "clean-fid clean (PIL bicubic)",
                 "num_classes": net.num_classes}
     else:
         net, info = default_net()

@@ -80,13 +80,23 @@ def clear_stale_result(run: Path) -> None:
         f.unlink()
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> None:
-    """Run one (family, method, data, seed) cell; skip it if an identical run already finished.
+def objectives(result: dict | None) -> tuple[float, float] | None:
+    """(forget FID, retain FID) of an ok run's metrics.json: what ``main`` returns to a sweeper (the Optuna
+    preset maximises the first and minimises the second); None for a failed run or one without both scores."""
+    metrics = (result or {}).get("metrics") or {}
+    if (result or {}).get("status") != "ok" or not all(k in metrics for k in ("forget_fid", "retain_fid")):
+        return None
+    return float(metrics["forget_fid"]), float(metrics["retain_fid"])
 
-    A cell that fails records ``status: failed`` and its error (in a sweep the next cell runs); a signal
-    (SIGTERM, SIGINT, SIGUSR1) records ``status: interrupted`` with the stage and step, and the process exits
-    with 128 + the signal number, a sweep included."""
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> tuple[float, float] | None:
+    """Run one (family, method, data, seed) cell; skip it if an identical run already finished. Returns the
+    cell's `objectives` (None when it failed), read from its metrics.json.
+
+    A cell that fails records ``status: failed`` and its error (in a sweep the next cell runs, and an Optuna
+    study records a failed trial); a signal (SIGTERM, SIGINT, SIGUSR1) records ``status: interrupted`` with the
+    stage and step, and the process exits with 128 + the signal number, a sweep included."""
     from .runner import check_size
 
     logging.basicConfig(level=logging.INFO, format="[i2iu] %(message)s", force=True)
@@ -95,18 +105,20 @@ def main(cfg: DictConfig) -> None:
     chash = config_hash(cfg)
     run = run_dir(cfg)  # checks the names that become its path first
     with locked(run.parent / f".{run.name}.lock", f"run {run.name}"):  # one process per cell at a time
-        _run_cell(cfg, run, chash)
+        return objectives(_run_cell(cfg, run, chash))
 
 
-def _run_cell(cfg: DictConfig, run: Path, chash: str) -> None:
-    """The cell's run into ``run``, unless an identical run already finished there (the cell's lock held)."""
+def _run_cell(cfg: DictConfig, run: Path, chash: str) -> dict | None:
+    """The cell's run into ``run``, unless an identical run already finished there (the cell's lock held);
+    returns its metrics.json object (None when it failed)."""
     from .runner import build_runner, write_config
     from .training import stop_handlers
     from .validation import check_config
 
-    if finished(run, chash):
+    done = finished(run, chash)
+    if done:
         log.info("%s: already finished, skipping (delete the dir to re-run)", run)
-        return
+        return done
     run.mkdir(parents=True, exist_ok=True)
     clear_stale_result(run)
     write_config(cfg, run)
@@ -125,16 +137,17 @@ def _run_cell(cfg: DictConfig, run: Path, chash: str) -> None:
             if not _multirun():
                 raise
             log.error("%s failed: %s: %s", run.name, type(exc).__name__, exc)
-            return
+            return None
     write_result(run, result)
     _log_results(logger, run, result)
     m = result["metrics"]
     if "retain_cos" not in m:  # GAN runs score generated samples, not paired restorations
         log.info("%s done: %s -> %s", result["method"], ", ".join(f"{k} {v:.3f}" for k, v in m.items()), run)
-        return
+        return result
     log.info("%s done: retain fid %.3f cos %.3f acc %.3f | forget fid %.3f cos %.3f acc %.3f -> %s",
              result["method"], m["retain_fid"], m["retain_cos"], m["retain_class_acc"],
              m["forget_fid"], m["forget_cos"], m["forget_class_acc"], run)
+    return result
 
 
 def _positive_int(text: str) -> int:
@@ -144,10 +157,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive finite ratio")
+    return value
+
+
 def report_main(argv: list[str] | None = None) -> int:
     """``i2iu-report DIR [--out OUT]``: summary.csv / summary.md of every run below DIR, the paper's layout
-    (paper_table.md / .csv: mean ± std over seeds), the image grids side by side and the t-SNE figure."""
+    (paper_table.md / .csv: mean ± std over seeds), the image grids side by side and the t-SNE figure; the
+    trade-off frontier (frontier.png / .md / .csv) when a method ran at several settings, and splits.md when
+    the runs differ in their class split."""
     from .report.figures import write_grids
+    from .report.frontier import has_settings, has_splits, load_points, write_frontier, write_splits
     from .report.summary import log_summary_to_wandb, write_summary
     from .report.tables import write_paper_table
     from .report.tsne import write_tsne
@@ -159,6 +182,10 @@ def report_main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-tsne", action="store_true", help="skip the t-SNE figure")
     p.add_argument("--tsne-points", type=_positive_int, default=200, metavar="N",
                    help="at most N points per group (retain / forget, output / truth) in the t-SNE (default 200)")
+    p.add_argument("--retain-budget", type=_ratio, default=1.1, metavar="X",
+                   help="frontier: best forget gain among points with retain FID <= X x the original's (default 1.1)")
+    p.add_argument("--split-budget", type=_ratio, default=1.25, metavar="X",
+                   help="splits: a split holds when half the retrain gap is closed at retain FID <= X x (default 1.25)")
     a = p.parse_args(argv)
     if not a.dir.is_dir():
         print(f"i2iu-report: {a.dir} is not a directory", file=sys.stderr)
@@ -172,6 +199,13 @@ def report_main(argv: list[str] | None = None) -> int:
     written = [csv_path, md_path, paper_md, paper_csv, *write_grids(a.dir, a.out)]
     print(md_path.read_text())
     print(paper_md.read_text())
+    points = load_points(a.dir)
+    if has_settings(points):
+        written += write_frontier(a.dir, a.out, retain_budget=a.retain_budget)
+        print(written[-2].read_text())
+    if has_splits(points):
+        written += write_splits(a.dir, a.out, retain_budget=a.split_budget)
+        print(written[-1].read_text())
     if not a.no_tsne:
         tsne = write_tsne(a.dir, a.out, max_points=a.tsne_points)
         if not tsne:

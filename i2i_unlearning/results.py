@@ -2,7 +2,10 @@
 
 ``metrics`` holds the scores (``<split>_<metric>``, ``<task>_<split>_<metric>``), ``floors`` the levels
 they are read against; ``extra`` holds what a runner variant records besides (the task, the start
-model's pre-training figures, the GAN's reference models and criterion) and is written at the top level.
+model's pre-training figures, the GAN's reference models and criterion; with ``method.val_every`` the
+validation curve's ``val_every``, ``val_checks``, ``val_s``, ``unlearn_steps`` and, with ``method.stop_at``,
+``stop_met``, ``stop_step``, ``stop_s``, ``stop_result``: metrics/validation_curve.py) and is written at the
+top level.
 The report (report/summary.py) reads these files back into one table.
 """
 

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from .atomic import locked, torch_save, write_atomic, write_json, write_text
 from .attempts import StageClock
 from .data.datamodule import ForgetRetainDataModule
-from .data.prepare import config_kwargs, load_manifest, prepare
+from .data.prepare import VAL_PER_CLASS, config_kwargs, load_manifest, prepare, prepare_validation
 from .errors import ConfigError
 from .families.base import Family, StageContext
 from .hashing import stable_hash
@@ -37,6 +37,7 @@ from .metrics.evaluate import SplitScorer
 from .metrics.features import load_or_train_feature_net, tensor_batches
 from .metrics.models import check_metrics_config, feature_models
 from .metrics.restoration import RestorationEvaluation, logged_scores
+from .metrics.validation_curve import ValidationCurve, stop_criterion
 from .report.figures import save_grid
 from .results import RunResult
 from .runs import trainer_identity
@@ -48,6 +49,7 @@ log = logging.getLogger("i2iu")
 TRAIN_SPLITS = ("forget_train", "retain_train", "proxy_train")
 STREAM_SPLITS = {"original": list(TRAIN_SPLITS), "retrain": ["retain_train"]}
 MODEL_META_KEYS = ("runner", "size", "sizes")  # model config keys the runner reads; not family arguments
+METHOD_META_KEYS = ("val_every", "stop_at")  # method config keys the runner reads (validation_curve.py); not arguments
 # Trainer settings of the feature network (the measuring instrument: small, trained once, in memory): its own
 # recipe in one process, in fp32 and unclipped, whatever the trainer config says
 SINGLE_PROCESS_FP32 = {"strategy": "auto", "devices": 1, "num_nodes": 1, "precision": "32-true",
@@ -75,6 +77,12 @@ def build_family(model_cfg: DictConfig) -> Any:
     return instantiate(node, _convert_="all", _recursive_=False)
 
 
+def build_method(method_cfg: DictConfig) -> Any:
+    """The unlearning method of ``method_cfg`` (its ``_target_``), without the keys only the runner reads."""
+    node = OmegaConf.to_container(method_cfg, resolve=True)
+    return instantiate({k: v for k, v in node.items() if k not in METHOD_META_KEYS})
+
+
 def build_runner(cfg: DictConfig, run_dir: Path, chash: str, logger=None) -> Runner:
     """The runner variant the model config names (``model.runner._target_``)."""
     node = cfg.model.get("runner")
@@ -95,6 +103,12 @@ def perf_options(cfg: DictConfig) -> dict:
 def prepare_data(cfg: DictConfig) -> Path:
     """Shards + manifest for the configured class or item split (cached by its hash)."""
     return prepare(instantiate(cfg.data.source), Path(cfg.paths.cache_dir) / "data", **config_kwargs(cfg.data))
+
+
+def prepare_validation_data(cfg: DictConfig) -> Path:
+    """The validation split beside the data dir (``data.val_per_class`` images per forget / retain class)."""
+    return prepare_validation(instantiate(cfg.data.source), Path(cfg.paths.cache_dir) / "data",
+                              cfg.data.get("val_per_class", VAL_PER_CLASS), **config_kwargs(cfg.data))
 
 
 def datamodule(cfg: DictConfig, data_dir: Path, streams: dict, batch_size: int, steps: int, seed: int,
@@ -139,8 +153,11 @@ class Runner:
     Shared here: the config check, data preparation, the scoring networks, the cached reference models
     (original loaded from ``model.pretrained`` or trained, retrain trained; both with the same recipe and
     resumable), and writing the run dir. A variant implements `accepts`, `reference_key`,
-    `train_reference`, `unlearn` and `evaluate` (which writes the run's grid.png).
+    `train_reference`, `unlearn` and `evaluate` (which writes the run's grid.png). A variant with
+    ``validates = True`` runs ``method.val_every`` / ``method.stop_at`` (validation_curve.py).
     """
+
+    validates = False
 
     def __init__(self, cfg: DictConfig, run_dir: Path, chash: str, logger=None):
         self.cfg, self.run_dir, self.chash, self.logger = check_size(cfg), Path(run_dir), chash, logger
@@ -174,10 +191,15 @@ class Runner:
         if cfg.model.channels != cfg.data.channels:
             raise ConfigError(f"model.channels={cfg.model.channels} differs from data.channels={cfg.data.channels}")
         check_metrics_config(cfg.metrics)  # weights files of paper metrics: fail before any work
-        self.method = instantiate(cfg.method)
+        self.method = build_method(cfg.method)
         problem = self.accepts(self.method)
         if problem:
             raise ConfigError(f"method={cfg.method.name} cannot run on model={cfg.model.name}: {problem}")
+        stop_criterion(cfg.method)
+        if cfg.method.get("val_every") is not None and not (self.validates and self.method.trains):
+            raise ConfigError(f"method.val_every={cfg.method.val_every}: method={cfg.method.name} on "
+                              f"model={cfg.model.name} has no unlearning stage to validate; drop method.val_every "
+                              "and method.stop_at")
         # a model config that cannot work fails here, before data work
         self.mask_patch = getattr(build_family(cfg.model), "mask_patch", 1)
 
@@ -204,8 +226,10 @@ class Runner:
             self.refs[kind] = self.reference(kind)
 
     def needs_references(self) -> list[str]:
-        """The reference models this variant loads: the original, and the model the method starts from."""
-        return list(dict.fromkeys(["original", self.method.start_from]))
+        """The reference models this variant loads: the original, the model the method starts from, and the
+        target of the stop criterion (``method.stop_at.target``)."""
+        criterion = stop_criterion(self.cfg.method)
+        return list(dict.fromkeys(["original", self.method.start_from, *([criterion.target] if criterion else [])]))
 
     def reference(self, kind: str) -> tuple[Any, dict]:
         """The family trained on all training images (``original``) or on retain only (``retrain``), cached;
@@ -277,7 +301,17 @@ class Runner:
 
 class I2IRunner(Runner):
     """Image-to-image families (MAE, VQ-GAN, diffusion): masked training streams, `UnlearnModule`
-    for every method with a loss, restoration metrics over the eval splits."""
+    for every method with a loss, restoration metrics over the eval splits; validation curves and unlearning
+    to a criterion (``method.val_every``, ``method.stop_at``) on a validation split beside the data."""
+
+    validates = True
+    val_dir: Path | None = None
+
+    def prepare(self) -> Path:
+        data_dir = super().prepare()
+        if self.cfg.method.get("val_every") is not None:
+            self.val_dir = prepare_validation_data(self.cfg)
+        return data_dir
 
     def accepts(self, method) -> str | None:
         if not callable(getattr(method, "loss", None)):
@@ -363,11 +397,31 @@ class I2IRunner(Runner):
             streams["forget"], sizes["forget"] = ["forget_train"], method.forget_batch_size
         dm = datamodule(cfg, self.data_dir, streams, sizes, method.steps, cfg.seed, start.mask_patch)
         ckpt_dir = self.run_dir / "resume"
+        settings, curve = unlearn_settings(method), self.validation_curve(start.mask_patch)
+        callbacks = [*settings.pop("extra_callbacks", []), *([curve] if curve else [])]
         trainer = make_trainer(cfg, method.steps, logger=self.logger, ckpt_dir=ckpt_dir, root=self.run_dir,
-                               **unlearn_settings(method))
+                               extra_callbacks=callbacks, **settings)
         with StageClock(self.run_dir, "unlearn") as clock:  # unlearn_s: the seconds of every attempt, summed
             fit_resumable(trainer, module, dm, ckpt_dir)
-        return module.student.eval(), clock.total, {**info, "unlearn_attempts": len(clock.seconds)}
+        info = {**info, "unlearn_attempts": len(clock.seconds)}
+        if curve is None:
+            return module.student.eval(), clock.total, info
+        record = {**curve.record(method.steps), "unlearn_steps": trainer.global_step}
+        if "stop_result" in record:
+            log.info("stop criterion (target %s): %s", record["stop_target"], record["stop_result"])
+        return module.student.eval(), clock.total - curve.val_s, {**info, **record}
+
+    def validation_curve(self, patch: int) -> ValidationCurve | None:
+        """The unlearning stage's `ValidationCurve` (None without ``method.val_every``): validation.csv in the
+        run dir, and the stop criterion against its target reference model."""
+        cfg = self.cfg
+        if cfg.method.get("val_every") is None:
+            return None
+        criterion = stop_criterion(cfg.method)
+        dm = datamodule(cfg, self.val_dir, {"retain": ["retain_val"]}, 1, 1, cfg.seed, patch)
+        return ValidationCurve(dm, self.nets[0], cfg.task, cfg.method.val_every, self.run_dir / "validation.csv",
+                               cfg.seed, cfg.metrics.eval_batch_size, criterion,
+                               self.refs[criterion.target][0] if criterion else None)
 
     def evaluate(self, model: Family) -> tuple[dict, dict, dict]:
         cfg, (net, embed_net, _) = self.cfg, self.nets

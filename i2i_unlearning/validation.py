@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from .data.prepare import check_split_config, config_kwargs
 from .errors import ConfigError
+from .metrics.validation_curve import stop_criterion
 from .runs import check_run_names, semantic_config
 from .unlearning.methods import CONSTRUCTIONS
 
@@ -37,6 +38,8 @@ def _ratio_range(v: Any) -> bool:
 # (test on a leaf key name, test on its value, what is expected); the first rule whose name test matches applies.
 # A null value is not checked here (a stage that needs the value says so).
 RULES: list[tuple[Callable[[str], bool], Callable[[Any], bool], str]] = [
+    (lambda k: k == "val_every", _int_at_least(1), "an integer >= 1 (steps between validations), or null"),
+    (lambda k: k == "val_per_class", _int_at_least(2), "an integer >= 2 (FID needs two images)"),
     (lambda k: k == "warmup_steps", _int_at_least(0), "an integer >= 0"),
     (lambda k: k.endswith("steps") and k != "num_sanity_val_steps", _int_at_least(1), "an integer >= 1"),
     (lambda k: k.endswith("batch_size") or k == "accumulate_grad_batches", _int_at_least(1), "an integer >= 1"),
@@ -106,9 +109,10 @@ def check_data(cfg: DictConfig) -> None:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """All of the above, cheapest first: names, numbers, files, data split."""
+    """All of the above, cheapest first: names, numbers, the stop criterion, files, data split."""
     check_run_names(cfg)
     check_values(cfg)
+    stop_criterion(cfg.method)  # method.stop_at: its keys, and method.val_every where it is checked
     check_files(cfg)
     check_data(cfg)
 

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 ROLES = ("forget", "retain", "proxy")
 SPLIT_NAMES = tuple(f"{role}_{part}" for role in ROLES for part in ("train", "eval"))
+VAL_PER_CLASS = 16  # validation images per forget / retain class when data.val_per_class is unset
 _SOURCE_SPLIT = {"train": "train", "eval": "test"}
 
 
@@ -336,8 +337,24 @@ def prepare(
     config.update({k: v for k, v in proxy_caps.items() if v is not None})  # new settings: only when set
     hash12 = stable_hash(config)
     check_name(source.name, "data.source.name")  # a path component of the data dir
-    out_root = Path(out_root)
-    data_dir = out_root / f"{source.name}-{hash12}"
+    caps = {"train": {"forget": train_per_class, "retain": train_per_class,
+                      "proxy": train_per_class if proxy_per_class is None else proxy_per_class},
+            "eval": {"forget": eval_per_class, "retain": eval_per_class,
+                     "proxy": eval_per_class if proxy_eval_per_class is None else proxy_eval_per_class}}
+
+    def build(tmp: Path) -> dict:
+        manifest = _build(source, tmp, classes, image_size, caps, shard_size, seed, items, workers)
+        if draw is not None:
+            manifest["class_draw"] = draw
+        return manifest
+
+    return _build_once(Path(out_root) / f"{source.name}-{hash12}", hash12, build)
+
+
+def _build_once(data_dir: Path, hash12: str, build) -> Path:
+    """``data_dir`` as ``build(tmp)`` writes it (shards, and the manifest it returns), built once under a lock in
+    a temporary dir beside it and moved there atomically; reused when its manifest has ``hash12``."""
+    out_root = data_dir.parent
     with locked(out_root / f".{data_dir.name}.lock", f"the data {data_dir.name}"):  # built once, others wait
         for orphan in out_root.glob(f".{data_dir.name}.tmp-*"):  # a killed preparation's: nobody else builds now
             log.info("removing %s, left by an interrupted preparation", orphan)
@@ -356,13 +373,7 @@ def prepare(
         tmp = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}.tmp-", dir=out_root))
         share(tmp, directory=True)
         try:
-            caps = {"train": {"forget": train_per_class, "retain": train_per_class,
-                              "proxy": train_per_class if proxy_per_class is None else proxy_per_class},
-                    "eval": {"forget": eval_per_class, "retain": eval_per_class,
-                             "proxy": eval_per_class if proxy_eval_per_class is None else proxy_eval_per_class}}
-            manifest = _build(source, tmp, classes, image_size, caps, shard_size, seed, items, workers)
-            if draw is not None:
-                manifest["class_draw"] = draw
+            manifest = build(tmp)
             manifest["config_hash"] = hash12
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
             try:
@@ -375,6 +386,76 @@ def prepare(
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("prepared data %s", data_dir)
     return data_dir
+
+
+def prepare_validation(source: ImageSource, out_root: str | Path, val_per_class: int, **kwargs) -> Path:
+    """The validation data dir of the data dir ``prepare(source, out_root, **kwargs)`` returns (prepared first
+    when missing): splits ``forget_val`` and ``retain_val`` of ``val_per_class`` images per forget / retain class,
+    drawn (seeded) from the source's test images that the eval selection did not take.
+
+    Disjoint from the evaluation images by construction and never a training image; the data dir itself, its
+    feature network and the reference models trained on it are untouched (the same hash). Cached beside it as
+    ``<data dir>-val<N>``. A class with fewer spare test images than ``val_per_class`` is a ConfigError.
+    """
+    if kwargs.get("forget_kind", "class") != "class":
+        raise ConfigError("data.val_per_class: a validation split is drawn for class unlearning only "
+                          "(data.forget_kind=class)")
+    if not isinstance(val_per_class, int) or isinstance(val_per_class, bool) or val_per_class < 2:
+        raise ConfigError(f"data.val_per_class={val_per_class!r}: use an integer >= 2 (FID needs two images)")
+    data_dir = prepare(source, out_root, **kwargs)
+    base = load_manifest(data_dir)
+    hash12 = stable_hash({"format": FORMAT_VERSION, "data": base["config_hash"], "val_per_class": val_per_class})
+    seed, cap, size = int(base["seed"]), kwargs.get("eval_per_class"), int(base["image_size"])
+
+    def build(tmp: Path) -> dict:
+        from i2i_unlearning.data.image_folder import ParallelDecoder
+
+        names = list(source.class_names)
+        streamed = hasattr(source, "index")
+        if streamed:
+            paths, labels = source.index("test")
+        else:
+            images, labels = source.load("test")
+        splits = {}
+        with ParallelDecoder(kwargs.get("workers", 0) if streamed else 0) as decode:
+            for role in ("forget", "retain"):
+                classes = [names.index(n) for n in base[f"{role}_classes"]]
+                taken = _select(labels, classes, cap, seed, SPLIT_NAMES.index(f"{role}_eval"))
+                indices = _spare(labels, classes, taken, val_per_class, seed, names, cap)
+                split = f"{role}_val"
+                if streamed:
+                    indices, shards, _ = _stream_split(source, "test", paths, labels, indices, split, tmp, size,
+                                                       kwargs.get("shard_size", 2000), decode)
+                else:
+                    shards = write_shards(tmp, split, _pad(images[indices], size), labels[indices],
+                                          kwargs.get("shard_size", 2000), keys=indices.tolist())
+                splits[split] = {"count": int(len(indices)),
+                                 "classes": {n: int(np.sum(labels[indices] == names.index(n)))
+                                             for n in base[f"{role}_classes"]},
+                                 "shards": shards}
+        return {"dataset": base["dataset"], "class_names": names, "channels": base["channels"], "image_size": size,
+                "forget_classes": base["forget_classes"], "retain_classes": base["retain_classes"],
+                "proxy_classes": [], "splits": splits, "seed": seed, "val_per_class": val_per_class,
+                "data_dir": data_dir.name}
+
+    return _build_once(data_dir.with_name(f"{data_dir.name}-val{val_per_class}"), hash12, build)
+
+
+def _spare(labels: np.ndarray, classes: list[int], taken: np.ndarray, per_class: int, seed: int,
+           names: list[str], cap: int | None) -> np.ndarray:
+    """``per_class`` indices of each class in ``classes`` outside ``taken``, by a seeded draw, in a seeded order."""
+    chosen = []
+    for c in classes:
+        idx = np.flatnonzero(labels == c)
+        spare = np.setdiff1d(idx, taken)
+        if len(spare) < per_class:
+            raise ConfigError(
+                f"data.val_per_class={per_class}: class {names[c]} has {len(idx)} test images and the eval split "
+                f"takes {len(idx) - len(spare)} of them (data.eval_per_class={cap}); lower data.val_per_class or "
+                f"set data.eval_per_class to at most {len(idx) - per_class}"
+            )
+        chosen.append(np.sort(np.random.default_rng([seed, 7907, c]).choice(spare, per_class, replace=False)))
+    return np.random.default_rng([seed, 7907]).permutation(np.concatenate(chosen))
 
 
 def _build(

@@ -1,10 +1,11 @@
-"""Figures: the image grid of a run (ground truth / input / before / after, for retain and forget), and
-the grids of a sweep's methods side by side."""
+"""Figures: the image grid of a run (ground truth / input / before / after, for retain and forget), the
+grids of a sweep's methods side by side, and the trade-off frontier."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -116,3 +117,42 @@ def write_grids(root: Path, out_dir: Path | None = None, ncols: int = 3) -> list
         save_side_by_side(out_dir / f"grids_{label}.png", [(f"{m} (seed {s})", f) for m, s, f in picked], ncols)
         for label, (_, picked) in lowest_seed_runs(root, "grid.png").items()
     ]
+
+
+def save_frontier(path: Path, panels: list[tuple[str, Any]], retain_budget: float) -> Path:
+    """Write one PNG, a panel per (title, points frame of report.frontier): retain cost (retain_fid_x) across,
+    forget change (forget_fid_x) up; each method's runs joined in alpha order per step count and labelled with
+    their alpha, the original (1, 1) and retrain's runs marked, the retain budget a dashed line (unless it lies
+    far right of every point)."""
+    from matplotlib.figure import Figure
+
+    if not panels:
+        raise ConfigError("save_frontier needs at least one panel")
+    fig = Figure(figsize=(5.5 * len(panels), 5.0))
+    for ax, (title, points) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
+        trained = points[~points["method"].isin(["original", "retrain"])]
+        several_steps = trained["steps"].map(str).nunique() > 1
+        for (method, steps), line in trained.groupby(["method", "steps"], sort=False, dropna=False):
+            line = line.sort_values(["alpha", "seed"], key=lambda c: c.map(lambda v: -math.inf if v is None else v))
+            label = f"{method} (steps {steps})" if several_steps else str(method)
+            ax.plot(line["retain_fid_x"], line["forget_fid_x"], marker="o", label=label)
+            for x, y, alpha in line[["retain_fid_x", "forget_fid_x", "alpha"]].itertuples(index=False):
+                ax.annotate("" if alpha is None else f"{alpha:g}", (x, y), textcoords="offset points", xytext=(4, 4),
+                            fontsize=7)
+        ax.scatter([1.0], [1.0], marker="*", s=200, color="black", label="original", zorder=3)
+        retrain = points[points["method"].eq("retrain")]
+        if not retrain.empty:
+            ax.scatter(retrain["retain_fid_x"], retrain["forget_fid_x"], marker="*", s=200, color="tab:red",
+                       label="retrain", zorder=3)
+        if retain_budget <= 2 * ax.get_xlim()[1]:  # a budget far right of every point would squash them
+            ax.axvline(retain_budget, color="grey", linestyle="--", linewidth=1,
+                       label=f"retain budget {retain_budget:g}x")
+        ax.set(title=title, xlabel="retain cost: retain FID / original's (lower is better)",
+               ylabel="forget change: forget FID / original's (higher forgets more)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    return path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import re
@@ -88,6 +89,22 @@ AUDIT_MD = (
     "retain_dist_to_retrain",
     "dist_to_retrain",
 )
+# Verdicts against retrain: the share of the original -> retrain gap a method closes, per metric.
+SHARE_METRICS = (
+    "forget_fid",
+    "forget_cos",
+    "forget_class_acc",
+    "forget_mia_auc",
+    "retain_fid",
+    "retain_cos",
+    "retain_class_acc",
+    "retain_mia_auc",
+)
+FORGETTING = {"forget_fid": 1, "forget_cos": -1, "forget_class_acc": -1}  # the way forgetting moves each
+SPREAD_K = 2.0  # retrain moves a metric when its gap to the original exceeds SPREAD_K x the original's seed std
+SINGLE_SEED_REL = 0.02  # with one original seed: when the gap exceeds this share of the original's value
+LABELS = {"fid": "FID", "cos": "cosine", "class_acc": "class accuracy", "mia_auc": "membership AUC"}
+VERDICT_GROUP = ["family", "dataset", "task"]
 _IDENTITY = ("family", "method", "dataset", "seed", "status", "error")
 _UNNESTED = ("metrics", "floors")
 
@@ -360,6 +377,184 @@ def format_audit_table(rows: list[dict[str, Any]]) -> str | None:
     return markdown_table(ok.sort_values(["family", "dataset", "seed", "dist_to_retrain"], key=sort_key))
 
 
+def read_rows(csv_path: Path) -> list[dict[str, Any]]:
+    """summary.csv back as rows: an empty cell is None, an int or float cell (nan included) a number."""
+
+    def parse(text: str) -> Any:
+        if text == "":
+            return None
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        return text
+
+    with Path(csv_path).open(newline="", encoding="utf-8") as handle:
+        return [{key: parse(value) for key, value in row.items()} for row in csv.DictReader(handle)]
+
+
+def label(metric: str) -> str:
+    """'forget_class_acc' -> 'forget class accuracy'."""
+    split, name = metric.split("_", 1)
+    return f"{split} {LABELS.get(name, name)}"
+
+
+def retrain_verdicts(
+    rows: list[dict[str, Any]], k: float = SPREAD_K, rel: float = SINGLE_SEED_REL
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(gaps, shares) of the ok `rows`, per family / dataset / task (finite scores of SHARE_METRICS only).
+
+    gaps, per group and metric both references report: `original` / `retrain` (means over their seeds),
+    `gap` = retrain - original, `spread` = k x the original's sample std over seeds (one seed: rel x
+    |original|), `moved`: the gap exceeds the spread (for the forget metrics of FORGETTING, in the
+    direction forgetting moves them: a retrain that restores the forget classes better forgets nothing), and
+    `runs`: the most runs of a reference on one seed (above 1: splits or settings mixed, averaged per seed).
+
+    shares, per group, method (not the references) and metric: `value` (mean over seeds), `share` = mean
+    over seeds of (value - original) / (retrain - original), each seed against the references of that
+    seed (their means where it has none), `share_std` (sample std, two seeds or more), `n` (seeds), `runs`
+    (the most runs on one seed: above 1, several settings averaged per seed);
+    share None where the gap is not moved. `overshoot`: a FORGETTING metric past both retrain's value and
+    the original's, the way forgetting goes, by more than the spread (what neither reference forgets).
+    """
+    frame = frame_of(rows)
+    metrics = [m for m in SHARE_METRICS if m in frame]
+    if not metrics or "status" not in frame:
+        return pd.DataFrame(), pd.DataFrame()
+    frame = frame[frame["status"].eq("ok")]
+    task = frame.get("task", pd.Series(None, index=frame.index, dtype=object))
+    frame = frame.assign(**{key: frame[key].map(str) for key in ("family", "dataset", "method")},
+                         task=task.map(str).where(~is_blank(task), ""))
+    values = numbers(frame, [*VERDICT_GROUP, "method", "seed"], metrics)
+    values = values[values["value"].map(math.isfinite).astype(bool)]
+    gaps, shares = [], []
+    for (*group, metric), part in values.groupby([*VERDICT_GROUP, "metric"], sort=False):
+        refs = {ref: part[part["method"].eq(ref)].groupby("seed")["value"] for ref in (REFERENCE, RETRAIN)}
+        orig, target = refs[REFERENCE].mean(), refs[RETRAIN].mean()
+        if orig.empty or target.empty:
+            continue
+        gap = target.mean() - orig.mean()
+        spread = k * orig.std() if len(orig) > 1 else rel * abs(orig.mean())
+        sign = FORGETTING.get(metric)
+        moved = bool((sign * gap if sign else abs(gap)) > spread)
+        ident = dict(zip(VERDICT_GROUP, group, strict=True))
+        gaps.append({**ident, "metric": metric, "original": orig.mean(), "retrain": target.mean(), "gap": gap,
+                     "spread": spread, "moved": moved, "runs": int(max(by.size().max() for by in refs.values()))})
+        for method, mine in part[~part["method"].isin([REFERENCE, RETRAIN])].groupby("method", sort=False):
+            per_seed = []
+            for seed, value in mine.groupby("seed")["value"].mean().items():
+                start, end = orig.get(seed, orig.mean()), target.get(seed, target.mean())
+                if end != start:
+                    per_seed.append((value - start) / (end - start))
+            share = pd.Series(per_seed, dtype=float)
+            value = mine["value"].mean()
+            shares.append({**ident, "method": method, "metric": metric, "value": value,
+                           "share": share.mean() if moved and len(share) else None,
+                           "share_std": share.std() if moved and len(share) > 1 else None,
+                           "n": int(mine["seed"].nunique()), "runs": int(mine.groupby("seed").size().max()),
+                           "overshoot": bool(sign and sign * value - max(sign * target.mean(), sign * orig.mean())
+                                             > spread)})
+    shares_frame = pd.DataFrame(shares, dtype=object)
+    if not shares_frame.empty:
+        shares_frame = shares_frame.sort_values([*VERDICT_GROUP, "method"], key=sort_key, kind="stable",
+                                                ignore_index=True)
+    return pd.DataFrame(gaps), shares_frame
+
+
+def share_cell(share: Any, std: Any) -> str:
+    """`mean ± std`, `mean` (one seed), or '-' (no share: the gap is within the spread, or a reference lacks it)."""
+    if share is None:
+        return "-"
+    return format_value(float(share)) + (f" ± {format_value(float(std))}" if std is not None else "")
+
+
+def unmoved_forget(gaps: pd.DataFrame) -> list[str]:
+    """The FORGETTING metrics of `gaps` (one group's) that retrain does not move beyond the spread."""
+    moved = gaps.set_index("metric")["moved"]
+    return [m for m in FORGETTING if m in moved.index and not moved[m]]
+
+
+def nothing_to_forget(gaps: pd.DataFrame) -> str | None:
+    """The verdict line when retrain moves none of the group's FORGETTING metrics beyond the spread, else None."""
+    unmoved = unmoved_forget(gaps)
+    if not unmoved or unmoved != [m for m in FORGETTING if m in set(gaps["metric"])]:
+        return None
+    names = ", ".join(LABELS[m.split("_", 1)[1]] for m in unmoved)
+    return f"nothing to forget on this split: retrain does not move forget {names} beyond the original's seed spread"
+
+
+def overshoot_lines(gaps: pd.DataFrame, shares: pd.DataFrame) -> list[str]:
+    """One line per method of a group that overshoots retrain (and the original) on FORGETTING metrics retrain does
+    not move: those metrics, then its forget membership-attack AUC against retrain's."""
+    gap = gaps.set_index("metric")
+    flagged = shares[shares["metric"].isin(unmoved_forget(gaps)) & shares["overshoot"].astype(bool)]
+    auc = shares[shares["metric"].eq("forget_mia_auc")].set_index("method")["value"]
+    lines = []
+    for method, part in flagged.groupby("method", sort=False):
+        metrics = ", ".join(
+            f"{label(metric)} {value:.3f} (retrain {gap.at[metric, 'retrain']:.3f}, original "
+            f"{gap.at[metric, 'original']:.3f}, spread {gap.at[metric, 'spread']:.3f})"
+            for metric, value in part[["metric", "value"]].itertuples(index=False)
+        )
+        membership = "no membership AUC"
+        if method in auc.index:
+            retrain_auc = gap.at["forget_mia_auc", "retrain"]
+            membership = f"forget membership AUC {auc[method]:.3f} against retrain's {retrain_auc:.3f}"
+        lines.append(f"{method} overshoots retrain on {metrics}; {membership}")
+    return lines
+
+
+def format_retrain_verdicts(rows: list[dict[str, Any]]) -> list[str]:
+    """summary.md's section against retrain, one table per family / dataset / task: per method the share of each
+    metric's original -> retrain gap it closes and its forget membership AUC against retrain's; then the gaps
+    and their verdicts."""
+    gaps, shares = retrain_verdicts(rows)
+    if shares.empty:
+        return []
+    parts = [
+        "## Against retrain: share of the original -> retrain gap closed",
+        "",
+        "- A cell: the share of the original -> retrain gap the method closes, (value - original) / (retrain -",
+        "  original), per seed against that seed's references, mean ± std over seeds: 0 = the original, 1 =",
+        "  retrain, above 1 = past retrain. `-`: no share, because retraining does not move that metric beyond",
+        f"  the original's seed spread ({SPREAD_K:g} x its std over seeds; one seed: {SINGLE_SEED_REL:.0%} of its",
+        "  value). Forget FID must rise, forget cosine and class accuracy fall, to count as moved.",
+        "- `forget AUC (retrain)`: the method's forget membership-attack AUC, retrain's in brackets.",
+    ]
+    for group, mine in shares.groupby(VERDICT_GROUP, sort=False):
+        part = gaps.groupby(VERDICT_GROUP).get_group(group)
+        by_metric = part.set_index("metric")
+        metrics = [m for m in SHARE_METRICS if m in by_metric.index]
+        table = []
+        for method, cells in mine.groupby("method", sort=False):
+            cell = cells.set_index("metric")
+            row = {"method": method, "n": int(cells["n"].max())}
+            row |= {m: share_cell(cell.at[m, "share"], cell.at[m, "share_std"]) if m in cell.index else "-"
+                    for m in metrics}
+            has_auc = "forget_mia_auc" in cell.index
+            row["forget AUC (retrain)"] = (f"{cell.at['forget_mia_auc', 'value']:.3f} "
+                                           f"({by_metric.at['forget_mia_auc', 'retrain']:.3f})" if has_auc else "-")
+            table.append(row)
+        moves = ", ".join(f"{m} {row.gap:+.3f} (spread {row.spread:.3f})" for m, row in by_metric.iterrows())
+        parts += ["", f"### {' · '.join(g for g in group if g)}", "", markdown_table(pd.DataFrame(table, dtype=object)),
+                  "", f"- retrain - original: {moves}"]
+        if part["runs"].max() > 1:
+            parts.append("- several original or retrain runs on one seed (class splits or settings under one data "
+                         "set name): they are averaged per seed, so these verdicts mix them")
+        several = [str(method) for method, runs in mine.groupby("method", sort=False)["runs"].max().items() if runs > 1]
+        if several:
+            parts.append(f"- several runs on one seed (a settings sweep), averaged per seed: {', '.join(several)}")
+        verdict = nothing_to_forget(part)
+        if verdict:
+            parts.append(f"- {verdict}")
+        else:
+            parts += [f"- retrain does not move {label(m)} beyond the original's seed spread: no share"
+                      for m in unmoved_forget(part)]
+        parts += [f"- {line}" for line in overshoot_lines(part, mine)]
+    return parts
+
+
 def _floors(frame: pd.DataFrame) -> list[str]:
     task = frame.get("task", pd.Series(index=frame.index, dtype=object))
     where = frame.assign(dataset=frame["dataset"].map(str), task=task.map(str).where(~is_blank(task), ""))
@@ -377,7 +572,8 @@ def _floors(frame: pd.DataFrame) -> list[str]:
 
 
 def format_markdown(rows: list[dict[str, Any]]) -> str:
-    """summary.md: the table, a legend on how to read it, the class-accuracy floors and the failed runs."""
+    """summary.md: the table, a legend on how to read it, the class-accuracy floors, the audits, the verdicts
+    against retrain and the failed runs."""
     frame = frame_of(rows)
     legend = [
         "- retain: lower FID and higher IS, cos, class_acc are better (ideally close to the original);",
@@ -404,6 +600,9 @@ def format_markdown(rows: list[dict[str, Any]]) -> str:
     parts += ["", "Runs: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in (*STATUSES, "incomplete"))]
     if audits:
         parts += ["", "## Audits and distance to retrain (closest to retrain first)", "", audits, "", *audit_legend]
+    verdicts = format_retrain_verdicts(rows)
+    if verdicts:
+        parts += ["", *verdicts]
     if failed:
         parts += ["", "## Runs that did not finish (failed, interrupted, incomplete)", "", *failed]
     return "\n".join(parts) + "\n"

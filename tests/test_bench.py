@@ -29,10 +29,15 @@ def test_bench_tiny_writes_every_ratio_for_every_family(tmp_path, capsys):
                 assert r["x"] is None and r["why_na"]
             else:
                 assert (r["x"] is not None) == (r["why_na"] is None), (family, key)
-                assert r["x"] is not None or key.startswith("eval_memory"), (family, key, r["why_na"])
+                nothing_to_forget = key.startswith("unlearn_vs_retrain") and str(r["why_na"]).startswith(
+                    "retraining does not raise forget FID")  # a tiny retrain may not: the bench says so
+                assert r["x"] is not None or key.startswith("eval_memory") or nothing_to_forget, (family, key, r)
     for family in ("mae", "vqgan", "diffusion"):
         res = doc["results"][family]
-        assert res["unlearn_vs_retrain"]["retrain"]["how"].startswith("extrapolated from")
+        ulr = res["unlearn_vs_retrain"]
+        assert ulr["retrain"]["how"].startswith("extrapolated from")
+        assert ulr["unlearn"]["target"] == "retrain" and set(ulr["unlearn"]["references"]) == {"original", "retrain"}
+        assert res["config"]["bench_retrain"]["steps"] < res["config"]["bench_original"]["steps"]  # retain only
         assert set(res["unlearn_vs_retrain"]["growth"]) == {"bench", "half_fashion_mnist", "full_fashion_mnist"}
         assert res["eval"]["sizes"].keys() == {"8", "16"}
     mae = doc["results"]["mae"]  # its bench original trains 16-image steps, its recipe 32: scaled by (1)
@@ -42,8 +47,8 @@ def test_bench_tiny_writes_every_ratio_for_every_family(tmp_path, capsys):
     assert scale == pytest.approx(min(2.0, mae["cost"]["kinds"]["train[recipe batch]"]["median_s"]
                                       / mae["cost"]["kinds"]["train"]["median_s"]))
     assert retrain["s_per_step"] == pytest.approx(
-        (mae["config"]["bench_original"]["train_s"] - mae["config"]["bench_original"]["pre_train_s"])
-        / mae["config"]["bench_original"]["steps"] * scale)
+        (mae["config"]["bench_retrain"]["train_s"] - mae["config"]["bench_retrain"]["pre_train_s"])
+        / mae["config"]["bench_retrain"]["steps"] * scale)
     cached = doc["results"]["mae"]["cost"]["kinds"]["ours[fixed mask, teacher cache]"]
     assert cached["cache_hits"] > 0  # a fixed degradation: the retain items come back and hit
     assert "cost_per_image_x/ours" in capsys.readouterr().out

@@ -25,8 +25,8 @@ def test_bench_tiny_writes_every_ratio_for_every_family(tmp_path, capsys):
         assert set(ratios) == set(RATIO_GOALS), family
         for key, r in ratios.items():
             assert {"x", "abs", "why_na"} <= set(r)
-            if family == "gan":  # not an I2I model: every ratio says why it is n/a
-                assert r["x"] is None and r["why_na"]
+            if family == "gan":  # not an I2I model: only unlearn vs retrain (bench.gan), the rest say why not
+                assert (r["x"] is not None) == (key == "unlearn_vs_retrain_x") and (r["x"] is None) == bool(r["why_na"])
             else:
                 assert (r["x"] is not None) == (r["why_na"] is None), (family, key)
                 nothing_to_forget = key.startswith("unlearn_vs_retrain") and str(r["why_na"]).startswith(
@@ -40,6 +40,15 @@ def test_bench_tiny_writes_every_ratio_for_every_family(tmp_path, capsys):
         assert res["config"]["bench_retrain"]["steps"] < res["config"]["bench_original"]["steps"]  # retain only
         assert set(res["unlearn_vs_retrain"]["growth"]) == {"bench", "half_fashion_mnist", "full_fashion_mnist"}
         assert res["eval"]["sizes"].keys() == {"8", "16"}
+    gan = doc["results"]["gan"]  # the cascade to its criterion against a retrain trained to its patience rule
+    for setting in ("class", "item"):
+        r = gan[setting]
+        assert r["x"] == pytest.approx(r["retrain_s"] / r["unlearn_s"]) and r["retrain_s"] > 0
+        assert 1 <= r["retrain_epochs"] <= 2 and len(r["retrain_val_fid_curve"]) == r["retrain_epochs"]
+        assert 1 <= r["rounds"] <= 2 and r["criterion_met"] == (r["criterion_values"][-1] <= r["criterion_bound"])
+    retrain_share = gan["class"]["retrain_metrics"]["forget_class_share"]  # class: reach retrain's own share
+    assert gan["class"]["criterion_bound"] == pytest.approx(max(1.1 * retrain_share, 1e-6))
+    assert "item: x" in doc["ratios"]["gan"]["unlearn_vs_retrain_x"]["abs"]
     mae = doc["results"]["mae"]  # its bench original trains 16-image steps, its recipe 32: scaled by (1)
     assert mae["cost"]["kinds"]["train[recipe batch]"]["images"] == 32
     retrain = mae["unlearn_vs_retrain"]["retrain"]

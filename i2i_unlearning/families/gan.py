@@ -189,7 +189,9 @@ class BatchStream(torch.utils.data.IterableDataset):
         self.start = 0  # batches already trained (set on resume): they are drawn and skipped
 
     def __len__(self) -> int:
-        return self.steps - self.start
+        # all the batches: a resumed fit restores Lightning's count of those already trained, and stops at this
+        # length (steps - start would end it ``start`` batches early)
+        return self.steps
 
     def __iter__(self):
         gen = torch.Generator().manual_seed(self.seed)

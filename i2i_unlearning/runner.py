@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from .atomic import locked, torch_save, write_atomic, write_json, write_text
 from .attempts import StageClock
 from .data.datamodule import ForgetRetainDataModule
-from .data.prepare import VAL_PER_CLASS, config_kwargs, load_manifest, prepare, prepare_validation
+from .data.prepare import VAL_PER_CLASS, check_split_config, config_kwargs, load_manifest, prepare, prepare_validation
 from .errors import ConfigError
 from .families.base import Family, StageContext
 from .hashing import stable_hash
@@ -67,6 +67,16 @@ def check_size(cfg: DictConfig) -> DictConfig:
     if sizes and size not in sizes:
         raise ConfigError(f"model.size={size!r}: model={cfg.model.name} has sizes {list(sizes)}")
     return cfg
+
+
+def forget_repeat(cfg: DictConfig) -> int:
+    """``model.train.forget_repeat`` (default 1): how many times as often as a retain image the original model
+    sees each forget training image (the memorisation setting); ConfigError naming the key unless an int >= 1."""
+    value = cfg.model.train.get("forget_repeat", 1)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"model.train.forget_repeat={value!r}: use an integer >= 1 (1: every training image "
+                          "equally often)")
+    return value
 
 
 def build_family(model_cfg: DictConfig) -> Any:
@@ -317,9 +327,11 @@ class I2IRunner(Runner):
         if not callable(getattr(method, "loss", None)):
             return ("it has no loss over (forget, retain) batches; image-to-image models run original, "
                     "retrain, finetune, ours, ours_proxy, max_loss, noisy_label, retain_label, random_encoder")
-        if self.cfg.data.get("forget_kind", "class") != "class":
-            return (f"data.forget_kind={self.cfg.data.forget_kind} (data={self.cfg.data.name}): image-to-image "
-                    "models unlearn classes (use data.forget_kind=class)")
+        forget_repeat(self.cfg)
+        if self.cfg.data.get("forget_kind", "class") == "item":
+            problem = self.item_problem(method)
+            if problem:
+                return problem
         for task in [self.cfg.task, *self.cfg.extra_tasks]:
             from .data.degrade import task_mask_fn
 
@@ -329,9 +341,44 @@ class I2IRunner(Runner):
                 raise ConfigError(f"task={task!r}: {exc}") from None
         return None
 
+    def item_problem(self, method) -> str | None:
+        """None when item unlearning (``data.forget_kind=item``) can run ``method`` with this data config, else
+        why not. The retain-set-free variant and proxy classes stand other classes in for the retained ones,
+        which item unlearning does not have (every class is retained), and the validation split holds
+        held-out images of forgotten classes."""
+        data = self.cfg.data
+        if method.retain_split != "retain_train":
+            return (f"method.retain_split={method.retain_split}: with data.forget_kind=item (data={data.name}) every "
+                    "class is retained, so no proxy classes stand in for the retain set; use a method on "
+                    "retain_train (e.g. method=ours)")
+        if self.cfg.method.get("val_every") is not None:
+            return (f"method.val_every={self.cfg.method.val_every}: the validation split holds held-out images of "
+                    f"forgotten classes, which data.forget_kind=item (data={data.name}) has none of; drop "
+                    "method.val_every and method.stop_at")
+        _, classes, _ = check_split_config(instantiate(data.source), **config_kwargs(data))
+        if classes["proxy"]:
+            return (f"data.proxy_classes: with data.forget_kind=item the original trains on every training image "
+                    f"and retrain on all but the forget items, so proxy classes {classes['proxy']} (trained by the "
+                    "original only) would differ between them; set data.proxy_classes=[] or list every class in "
+                    "data.retain_classes")
+        return None
+
+    def reference_splits(self, kind: str) -> list[str]:
+        """The splits of the ``kind`` reference's training stream (`STREAM_SPLITS`). The original lists
+        ``forget_train`` ``model.train.forget_repeat`` times: the stream draws shards uniformly with replacement,
+        so each forget image comes up that many times as often as a retain image."""
+        splits = list(STREAM_SPLITS[kind])
+        if kind == "original":
+            repeat = forget_repeat(self.cfg)
+            splits = [part for split in splits for part in ([split] * repeat if split == "forget_train" else [split])]
+        return splits
+
     def reference_key(self, kind: str) -> str:
         model_cfg = OmegaConf.to_container(self.cfg.model, resolve=True)
         model_cfg.pop("pretrained", None)  # never part of the key: retrain is trained either way
+        train = model_cfg.get("train") or {}
+        if kind != "original" or train.get("forget_repeat", 1) == 1:  # the original's only; 1 is the default
+            train.pop("forget_repeat", None)
         manifest = json.loads((self.data_dir / "manifest.json").read_text())
         data = OmegaConf.to_container(self.cfg.data, resolve=True)
         degradation = {k: data.get(k) for k in ("mask_ratio", "mask_kinds", "num_workers", "train_task")}
@@ -341,13 +388,14 @@ class I2IRunner(Runner):
     def train_reference(self, model: Family, kind: str, workdir: Path) -> dict:
         cfg, rec = self.cfg, self.cfg.model.train
         manifest = json.loads((self.data_dir / "manifest.json").read_text())
-        n_images = sum(manifest["splits"][s]["count"] for s in STREAM_SPLITS[kind])
+        splits = self.reference_splits(kind)
+        # an epoch is one pass of the stream: every retain image once, every forget image forget_repeat times
+        n_images = sum(manifest["splits"][s]["count"] for s in splits)
         steps = max(1, math.ceil(rec.epochs * n_images / rec.batch_size))
         log.info("training the %s %s model: %g epochs of %d images = %d steps of %d (cached as %s.pt)",
                  kind, cfg.model.name, rec.epochs, n_images, steps, rec.batch_size, workdir.name)
         model.train_cfg["steps"] = steps  # the lr schedule spans the whole run
-        dm = datamodule(cfg, self.data_dir, {"train": STREAM_SPLITS[kind]}, rec.batch_size, steps, rec.seed,
-                        model.mask_patch)
+        dm = datamodule(cfg, self.data_dir, {"train": splits}, rec.batch_size, steps, rec.seed, model.mask_patch)
         perf = perf_options(cfg)
         if perf["channels_last"]:
             to_channels_last(model)
@@ -359,7 +407,8 @@ class I2IRunner(Runner):
         tr = make_trainer(cfg, steps, ckpt_dir=workdir / "resume", root=workdir)
         fit_resumable(tr, model, dm, workdir / "resume")
         return {"pre_train_s": pre_train_s, "pre_train": pre, "steps": steps, "images": n_images,
-                "epochs": rec.epochs, "batch_size": rec.batch_size, "splits": STREAM_SPLITS[kind],
+                "epochs": rec.epochs, "batch_size": rec.batch_size, "splits": splits,
+                **({"forget_repeat": splits.count("forget_train")} if kind == "original" else {}),
                 "final_loss": float(tr.callback_metrics.get("train/loss", float("nan")))}
 
     def stage_context(self, kind: str, patch: int, workdir: Path) -> StageContext:
@@ -368,7 +417,8 @@ class I2IRunner(Runner):
         cfg, rec = self.cfg, self.cfg.model.train
 
         def train_data(steps: int, batch_size: int) -> ForgetRetainDataModule:
-            return datamodule(cfg, self.data_dir, {"train": STREAM_SPLITS[kind]}, batch_size, steps, rec.seed, patch)
+            return datamodule(cfg, self.data_dir, {"train": self.reference_splits(kind)}, batch_size, steps,
+                              rec.seed, patch)
 
         def fit(module: L.LightningModule, data: ForgetRetainDataModule, name: str) -> None:
             fitter(cfg, ckpt_dir=workdir / f"{name}-resume", gradient_clip_val=None, precision="32-true")(module, data)

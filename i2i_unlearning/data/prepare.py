@@ -398,8 +398,8 @@ def prepare_validation(source: ImageSource, out_root: str | Path, val_per_class:
     ``<data dir>-val<N>``. A class with fewer spare test images than ``val_per_class`` is a ConfigError.
     """
     if kwargs.get("forget_kind", "class") != "class":
-        raise ConfigError("data.val_per_class: a validation split is drawn for class unlearning only "
-                          "(data.forget_kind=class)")
+        raise ConfigError("data.val_per_class (method.val_every): a validation split is drawn for class unlearning "
+                          "only (data.forget_kind=class); drop method.val_every and method.stop_at")
     if not isinstance(val_per_class, int) or isinstance(val_per_class, bool) or val_per_class < 2:
         raise ConfigError(f"data.val_per_class={val_per_class!r}: use an integer >= 2 (FID needs two images)")
     data_dir = prepare(source, out_root, **kwargs)

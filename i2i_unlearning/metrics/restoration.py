@@ -8,6 +8,17 @@ eval batch of every task and split, and the membership batches; each rank takes 
 that add up over the ranks when they are computed; per-image values (membership scores, the t-SNE
 embeddings, the grid) fill their stream positions in `Slots`. A 2-rank evaluation equals 1 rank up to
 float round-off.
+
+What each split's scores are computed on depends on the manifest's ``forget_kind`` (`DATA_SPLITS`,
+`AUDIT_STREAMS`):
+
+* class unlearning (``class``): the "forget" scores restore ``forget_eval`` (held-out images of the forgotten
+  classes), the "retain" scores ``retain_eval``. The membership audit of a split takes its ``<split>_train``
+  images as members and its ``<split>_eval`` images as non-members.
+* item unlearning (``item``): every class is retained and ``forget_eval`` is empty, so the "forget" scores
+  restore the forget items themselves (``forget_train``: what the model must no longer reproduce); "retain"
+  stays ``retain_eval``. The forget audit takes those forget items as members and the held-out images of the
+  same classes (``retain_eval``, never trained on) as non-members; the retain audit is unchanged.
 """
 
 from __future__ import annotations
@@ -27,12 +38,45 @@ from torchmetrics import MeanMetric, Metric
 
 from ..data.datamodule import ForgetRetainDataModule
 from ..data.degrade import fill
+from ..errors import ConfigError
 from ..families.base import Family
 from .audit import membership_audit, sample_scores
 from .evaluate import Slots, SplitScorer, class_acc
 
 SPLITS = ("retain", "forget")
 GRID_ROWS = ("ground truth", "input", "original")  # then the method's outputs
+# (kind, split) -> the prepared split its batches are read from, per forget kind (the manifest's ``forget_kind``)
+DATA_SPLITS = {
+    "class": {("eval", "retain"): "retain_eval", ("eval", "forget"): "forget_eval",
+              ("members", "retain"): "retain_train", ("members", "forget"): "forget_train"},
+    "item": {("eval", "retain"): "retain_eval", ("eval", "forget"): "forget_train",
+             ("members", "retain"): "retain_train"},
+}
+# split -> ((kind, split) of its members, (kind, split) of its non-members) in the membership audit. Item mode:
+# the forget eval stream already is the forget items, the non-members the held-out images of the same classes
+AUDIT_STREAMS = {
+    "class": {"retain": (("members", "retain"), ("eval", "retain")),
+              "forget": (("members", "forget"), ("eval", "forget"))},
+    "item": {"retain": (("members", "retain"), ("eval", "retain")),
+             "forget": (("eval", "forget"), ("eval", "retain"))},
+}
+
+
+def forget_kind(dm: ForgetRetainDataModule) -> str:
+    """``class`` or ``item``: what the prepared data forgets (its manifest's ``forget_kind``)."""
+    kind = dm.manifest.get("forget_kind", "class")
+    if kind not in DATA_SPLITS:
+        raise ConfigError(f"data.forget_kind={kind!r} (manifest of {dm.data_dir}): use 'class' or 'item'")
+    return kind
+
+
+def data_split(kind: str, split: str, forgets: str = "class") -> str:
+    """The prepared split a ``kind`` ("eval" / "members") stream of ``split`` reads when the data forgets
+    ``forgets`` ("class" / "item") (`DATA_SPLITS`)."""
+    try:
+        return DATA_SPLITS[forgets][kind, split]
+    except KeyError:
+        raise ConfigError(f"no {kind} stream of the {split} split under data.forget_kind={forgets}") from None
 
 
 def batch_seed(*place) -> int:
@@ -68,25 +112,28 @@ class EvalItem:
         """(kind, task, split): the stream of batches the item belongs to."""
         return self.kind, self.task, self.split
 
-    @property
-    def data_split(self) -> str:
-        """The prepared split the batch is read from."""
-        return f"{self.split}_{'train' if self.kind == 'members' else 'eval'}"
+    def data_split(self, forgets: str = "class") -> str:
+        """The prepared split the batch is read from when the data forgets ``forgets`` (`data_split`)."""
+        return data_split(self.kind, self.split, forgets)
 
 
 def stream_sizes(cfg: DictConfig, dm: ForgetRetainDataModule) -> dict[tuple[str, str, str], int]:
     """Images per stream: every task's eval splits (at most ``metrics.eval_limit``), and with
-    ``metrics.audit`` the headline task's members, as many training images as eval images."""
+    ``metrics.audit`` the headline task's member streams (`AUDIT_STREAMS`), as many training images as
+    the split has eval images. Each stream reads the split `data_split` names for the data's forget kind."""
     counts = {name: split["count"] for name, split in dm.manifest["splits"].items()}
-    limit = cfg.metrics.eval_limit
+    limit, forgets = cfg.metrics.eval_limit, forget_kind(dm)
     sizes = {}
     for task in [cfg.task, *cfg.extra_tasks]:
         for split in SPLITS:
-            n = counts[f"{split}_eval"]
+            n = counts[data_split("eval", split, forgets)]
             sizes["eval", task, split] = n if limit is None else min(n, int(limit))
     if cfg.metrics.get("audit", False):
         for split in SPLITS:
-            sizes["members", cfg.task, split] = min(sizes["eval", cfg.task, split], counts[f"{split}_train"])
+            kind, _ = AUDIT_STREAMS[forgets][split][0]
+            if kind == "members":
+                sizes[kind, cfg.task, split] = min(sizes["eval", cfg.task, split],
+                                                   counts[data_split(kind, split, forgets)])
     return sizes
 
 
@@ -116,9 +163,9 @@ class EvalBatches(IterableDataset):
         wanted: dict[tuple[str, str, str], set[int]] = {}
         for item in self.items:
             wanted.setdefault(item.stream, set()).add(item.index)
+        forgets = forget_kind(self.dm)
         for (kind, task, split), indices in wanted.items():
-            data_split = EvalItem(kind, task, split, 0).data_split
-            batches = self.dm.eval_batches(data_split, task, batch_size=self.batch_size,
+            batches = self.dm.eval_batches(data_split(kind, split, forgets), task, batch_size=self.batch_size,
                                            limit=self.sizes[kind, task, split])
             for i, batch in enumerate(batches):
                 if i in indices:
@@ -145,6 +192,7 @@ class RestorationEvaluation(L.LightningModule):
         super().__init__()
         self.cfg, self.dm, self.artefacts = cfg, dm, artefacts
         self.model, self.original, self.net = model, original, net
+        self.forgets = forget_kind(dm)
         self.sizes = stream_sizes(cfg, dm)
         self.plan = eval_plan(cfg, self.sizes)
         self.audit = bool(cfg.metrics.get("audit", False))
@@ -160,8 +208,8 @@ class RestorationEvaluation(L.LightningModule):
         self.grid = nn.ModuleDict({split: Slots(k, (len(GRID_ROWS) + 1, *shape), sync_on_compute=True)
                                    for split in SPLITS})
         self.mia = nn.ModuleDict({
-            f"{kind}_{split}": Slots(self.sizes[kind, cfg.task, split], (2,), torch.float64, sync_on_compute=True)
-            for kind in ("eval", "members") for split in SPLITS} if self.audit else {})
+            f"{kind}_{split}": Slots(n, (2,), torch.float64, sync_on_compute=True)
+            for (kind, task, split), n in self.sizes.items() if task == cfg.task} if self.audit else {})
 
     def on_test_start(self) -> None:
         """Fresh metric states in this process: spawned ranks receive the module's tensors in shared memory,
@@ -183,7 +231,7 @@ class RestorationEvaluation(L.LightningModule):
         x, m, labels = batch["image"], batch["mask"], batch["label"]
         device, cfg = x.device, self.cfg
         if kind == "members":
-            seed = batch_seed(cfg.seed, "members", task, f"{split}_train", i)
+            seed = batch_seed(cfg.seed, "members", task, data_split(kind, split, self.forgets), i)
             with seeded(seed, device):
                 out = self.model.restore(x, m, generator=_generator(seed, device))
                 self.mia[f"members_{split}"].update(sample_scores(self.model, self.original, x, m, out), where)
@@ -219,7 +267,8 @@ class RestorationEvaluation(L.LightningModule):
                 embeddings.update({f"{split}_{name}": v.cpu().numpy()
                                    for name, v in scorers[split].embeddings().items()})
                 if self.audit:
-                    members, nonmembers = self.mia[f"members_{split}"].compute(), self.mia[f"eval_{split}"].compute()
+                    (mk, ms), (nk, ns) = AUDIT_STREAMS[self.forgets][split]
+                    members, nonmembers = self.mia[f"{mk}_{ms}"].compute(), self.mia[f"{nk}_{ns}"].compute()
                     for name, value in membership_audit(members.cpu(), nonmembers.cpu(), seed=cfg.seed).items():
                         metrics[f"{split}_{name}"] = value
                 for fill_kind in ("grey", "noise"):

@@ -129,5 +129,5 @@ def test_scorer_state_is_flat_in_the_number_of_images():
             x = torch.rand(32, 1, 8, 8)
             scorer.score(x.clamp(0, 1) * 0.9, x, torch.zeros(32, dtype=torch.long))
         sizes[n] = scorer.state_nbytes()
-        assert scorer.compute()["n"] == n
+        assert int(scorer.n) == n  # every image counted (compute() on 2048-d features is another test's)
     assert sizes[512] == sizes[64] > 0

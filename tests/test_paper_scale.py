@@ -409,7 +409,8 @@ def test_a_run_scores_with_inception_features(tmp_path, inception_file):
     from i2i_unlearning.runner import build_runner
 
     cfg = compose_cfg(tiny_overrides(tmp_path, method="original", extra=[
-        "metrics.features=inception", f"metrics.inception_weights={inception_file}", "metrics.audit=false"]))
+        "metrics.features=inception", f"metrics.inception_weights={inception_file}", "metrics.audit=false",
+        "metrics.eval_limit=8"]))  # a few 299 px Inception passes per split
     calls = []
     embed = InceptionFeatures.embed_with_logits
     InceptionFeatures.embed_with_logits = lambda self, x: calls.append(len(x)) or embed(self, x)

@@ -29,7 +29,7 @@ from .hashing import stable_hash
 from .metrics.evaluate import BatchFeatures, InceptionScoreStream, fid_metric
 from .metrics.features import tensor_batches, train_feature_net
 from .report.figures import save_grid
-from .runner import MODEL_META_KEYS, SINGLE_PROCESS_FP32, Runner
+from .runner import MODEL_META_KEYS, SINGLE_PROCESS_FP32, Runner, forget_repeat
 from .runs import trainer_identity
 from .training import fitter
 from .unlearning.cascaded import GANContext, auc, forgotten_share, retain_stream
@@ -77,7 +77,7 @@ def train_options(rec: DictConfig) -> dict:
                               + (" or null" if allow_none else ""))
         return value
 
-    return {"forget_repeat": integer("forget_repeat", 1, 1), "patience": integer("patience", None, 1, True),
+    return {"forget_repeat": forget_repeat(rec), "patience": integer("patience", None, 1, True),
             "val_samples": integer("val_samples", 500, 2), "val_images": integer("val_images", 500, 2)}
 
 

@@ -69,10 +69,11 @@ def check_size(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def forget_repeat(cfg: DictConfig) -> int:
-    """``model.train.forget_repeat`` (default 1): how many times as often as a retain image the original model
-    sees each forget training image (the memorisation setting); ConfigError naming the key unless an int >= 1."""
-    value = cfg.model.train.get("forget_repeat", 1)
+def forget_repeat(train: DictConfig) -> int:
+    """``model.train.forget_repeat`` of the recipe ``train`` (default 1): how many times as often as a retain image
+    the original model sees each forget training image (the memorisation setting, every family); ConfigError
+    naming the key unless an int >= 1."""
+    value = train.get("forget_repeat", 1)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"model.train.forget_repeat={value!r}: use an integer >= 1 (1: every training image "
                           "equally often)")
@@ -327,7 +328,7 @@ class I2IRunner(Runner):
         if not callable(getattr(method, "loss", None)):
             return ("it has no loss over (forget, retain) batches; image-to-image models run original, "
                     "retrain, finetune, ours, ours_proxy, max_loss, noisy_label, retain_label, random_encoder")
-        forget_repeat(self.cfg)
+        forget_repeat(self.cfg.model.train)
         if self.cfg.data.get("forget_kind", "class") == "item":
             problem = self.item_problem(method)
             if problem:
@@ -369,7 +370,7 @@ class I2IRunner(Runner):
         so each forget image comes up that many times as often as a retain image."""
         splits = list(STREAM_SPLITS[kind])
         if kind == "original":
-            repeat = forget_repeat(self.cfg)
+            repeat = forget_repeat(self.cfg.model.train)
             splits = [part for split in splits for part in ([split] * repeat if split == "forget_train" else [split])]
         return splits
 

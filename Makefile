@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 export WANDB_SILENT := true
 
-.PHONY: help setup data demo demo-vqgan demo-diffusion demo-gan test test-fast faults bench bench-gan gpu-check sweep lint clean
+.PHONY: help setup data demo demo-vqgan demo-diffusion demo-gan test test-fast faults bench bench-gan bench-search gpu-check sweep lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-10s %s\n", $$1, $$2}'
@@ -60,9 +60,12 @@ faults: setup ## kill a tiny cell in every stage (SIGKILL, SIGTERM), relaunch, c
 bench: setup ## performance ratios side by side (cost per image, unlearn vs retrain, loader, eval, memory) into outputs/bench
 	$(BIN)/python -m i2i_unlearning.bench
 
-bench-gan: setup ## the GAN's unlearn vs retrain (cascade to its criterion, retrain to its patience rule; ~45 min)
+bench-gan: setup ## the GAN's unlearn vs retrain (cascade to its criterion, retrain to its patience rule; ~35 min)
 	$(BIN)/python -m i2i_unlearning.bench bench.gan.measure=true '~bench.families.mae' '~bench.families.vqgan' \
 	  '~bench.families.diffusion'
+
+bench-search: setup ## ours to the bench criterion over bench.search.grid (alpha x lr): each family's recipe frontier
+	$(BIN)/python -m i2i_unlearning.bench.recipe_search
 
 gpu-check: setup ## on a CUDA GPU: paper-size unlearning steps (s / step, peak memory) + the tiny demo sweep; else says so
 	$(BIN)/python experiments/gpu_check.py

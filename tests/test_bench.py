@@ -7,6 +7,7 @@ import torch
 from conftest import ROOT
 
 from i2i_unlearning.bench.main import RATIO_GOALS, main
+from i2i_unlearning.bench.recipe_search import main as search_main
 from i2i_unlearning.data.degrade import center_mask, random_block_mask
 from i2i_unlearning.families.diffusion import Diffusion
 from i2i_unlearning.families.mae import MAE
@@ -15,9 +16,10 @@ from i2i_unlearning.unlearning.module import UnlearnModule
 
 
 @pytest.mark.slow
-def test_bench_tiny_writes_every_ratio_for_every_family(tmp_path, capsys):
-    rc = main(["bench_size=tiny", "data=synthetic", f"paths.cache_dir={tmp_path / 'cache'}",
-               f"bench.out_dir={tmp_path / 'out'}"])
+def test_bench_tiny_writes_every_ratio_for_every_family_and_the_recipe_search_reuses_its_references(tmp_path, capsys):
+    common = ["bench_size=tiny", "data=synthetic", f"paths.cache_dir={tmp_path / 'cache'}",
+              f"bench.out_dir={tmp_path / 'out'}"]
+    rc = main(common)
     doc = json.loads((tmp_path / "out" / "latest.json").read_text())
     assert rc == 0, {f: r["errors"] for f, r in doc["results"].items() if r}
     assert set(doc["ratios"]) == {"mae", "vqgan", "diffusion", "gan"}
@@ -61,6 +63,21 @@ def test_bench_tiny_writes_every_ratio_for_every_family(tmp_path, capsys):
     cached = doc["results"]["mae"]["cost"]["kinds"]["ours[fixed mask, teacher cache]"]
     assert cached["cache_hits"] > 0  # a fixed degradation: the retain items come back and hit
     assert "cost_per_image_x/ours" in capsys.readouterr().out
+    # the recipe search: ours to the same criterion at every grid point, on the bench's cached references
+    assert search_main([*common, "bench.search.families=[mae]",
+                        "bench.search.grid={method.alpha:[0.5,2.0],method.lr:[1e-3]}"]) == 0
+    log = capsys.readouterr().err
+    assert "training the" not in log and "original ready (cached" in log and "retrain ready (cached" in log
+    rows = json.loads((tmp_path / "out" / "search" / "mae.json").read_text())["rows"]
+    assert [r["point"] for r in rows] == [["method.alpha=0.5", "method.lr=0.001"],
+                                          ["method.alpha=2.0", "method.lr=0.001"]]
+    for r in rows:
+        assert r["references"] == mae["unlearn_vs_retrain"]["unlearn"]["references"]  # the same models and images
+        if r["criterion_met"]:
+            assert r["unlearn_s"] > 0 and r["checks"][-1]["step"] == r["steps"]
+        else:  # capped, or nothing to forget on tiny synthetic data: the row says which
+            assert r["why_not_met"]
+    assert (tmp_path / "out" / "search" / "search.md").read_text().count("| mae | method.alpha=") == 2
     assert (ROOT / "conf" / "bench.yaml").is_file()
 
 

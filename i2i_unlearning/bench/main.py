@@ -9,6 +9,7 @@ import platform
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -79,21 +80,34 @@ def _guard(errors: dict, seconds: dict, name: str, fn, *args, **kwargs):
         seconds[name] = time.perf_counter() - t0
 
 
-def run_family(overrides: list[str], family: str, extra: list[str], shared: dict) -> dict:
-    """All five measurements for one family."""
+@dataclass
+class FamilySetup:
+    """What every measurement of one family starts from: its config, data, feature network and the bench's own
+    original and retrain models (trained here or loaded from the cache, with their records)."""
+
+    cfg: DictConfig
+    ocfg: DictConfig  # the family config with the bench's short reference recipe
+    device: torch.device
+    perf: dict
+    data_dir: Path
+    net: torch.nn.Module
+    refs: dict
+    metas: dict
+    cached: dict
+    seconds: dict
+
+
+def setup_family(overrides: list[str], family: str, extra: list[str], shared: dict) -> FamilySetup:
+    """Config, prepared data, feature network (``shared`` per data dir) and the two bench references."""
     t_start = time.perf_counter()
     cfg = compose_cfg([*overrides, f"model={family}", *extra])
     device = device_of(cfg)
     perf = runner.perf_options(cfg)
-    errors: dict[str, str] = {}
     data_dir = runner.prepare_data(cfg)
     if str(data_dir) not in shared:
         eval_dm = runner.datamodule(cfg, data_dir, {"retain": ["retain_train"]}, 1, 1, cfg.seed, 1)
         shared[str(data_dir)] = runner.feature_net(cfg, data_dir, eval_dm)[0]
     net = shared[str(data_dir)]
-    methods = {m: instantiate(compose_cfg([*overrides, f"model={family}", *extra, f"method={m}"]).method)
-               for m in cfg.bench.methods}
-    recipe = OmegaConf.to_container(cfg.model.train, resolve=True)
     ocfg = _bench_original_cfg(cfg)
     ref = runner.I2IRunner(ocfg, run_dir=Path(ocfg.paths.output_dir), chash="bench")
     ref.data_dir, ref.nets = data_dir, (net, None, {})
@@ -106,6 +120,18 @@ def run_family(overrides: list[str], family: str, extra: list[str], shared: dict
         seconds[kind] = time.perf_counter() - t0
         log.info("bench %s: %s ready (%s, %.0f s)", family, kind, "cached" if cached[kind] else "trained",
                  seconds[kind])
+    return FamilySetup(cfg, ocfg, device, perf, data_dir, net, refs, metas, cached, seconds)
+
+
+def run_family(overrides: list[str], family: str, extra: list[str], shared: dict) -> dict:
+    """All five measurements for one family."""
+    f = setup_family(overrides, family, extra, shared)
+    cfg, ocfg, device, perf, data_dir, net = f.cfg, f.ocfg, f.device, f.perf, f.data_dir, f.net
+    refs, metas, cached, seconds = f.refs, f.metas, f.cached, f.seconds
+    errors: dict[str, str] = {}
+    methods = {m: instantiate(compose_cfg([*overrides, f"model={family}", *extra, f"method={m}"]).method)
+               for m in cfg.bench.methods}
+    recipe = OmegaConf.to_container(cfg.model.train, resolve=True)
     original = refs["original"]
     log.info("bench %s: measuring step costs", family)
     cost = _guard(errors, seconds, "cost", step_cost.measure, cfg, data_dir, original, methods, device, perf)
@@ -173,8 +199,11 @@ def ratios_of(res: dict) -> dict:
     else:
         u, h = ulr["unlearn"], ulr["growth"][ulr["headline_size"]]
         refs = u["references"]
-        against = (f"original forget FID {refs['original']['forget_fid']:.2f}, retrain "
-                   f"{refs['retrain']['forget_fid']:.2f}")
+        last = u["checks"][-1] if u["checks"] else {}
+        against = "; ".join(  # both references and where ours ended, so the budget's own level is in view
+            f"{split} FID original {refs['original'][f'{split}_fid']:.1f}, "
+            f"retrain {refs['retrain'][f'{split}_fid']:.1f}"
+            + (f", ours {last[f'{split}_fid']:.1f}" if last else "") for split in ("forget", "retain"))
         if u["unlearn_s"] is None:
             out["unlearn_vs_retrain_x"] = {"x": None, "why_na": u["why_not_met"], "abs": ""}
         else:
@@ -182,7 +211,8 @@ def ratios_of(res: dict) -> dict:
                    f"criterion NOT met ({u['why_not_met']}), so the ratio is an upper bound")
             out["unlearn_vs_retrain_x"] = {
                 "x": ulr["x"], "why_na": None, "upper_bound": not u["criterion_met"],
-                "abs": f"unlearn {u['unlearn_s']:.1f} s ({u['steps']} steps to {u['criterion']}: {met}; {against}) "
+                "abs": f"unlearn {u['unlearn_s']:.1f} s, set-up included ({u['steps']} steps, {u['steps_s']:.1f} s, to "
+                       f"{u['criterion']}: {met}; {against}) "
                        f"vs retrain {h['retrain_s']:.0f} s ({h['steps']} steps on {h['retain_images']} retain "
                        f"images, {ulr['retrain']['how']})"}
         p = ulr["projection"]

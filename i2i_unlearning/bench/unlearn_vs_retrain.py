@@ -8,10 +8,12 @@ with the original's recipe.
   while its retain FID stays at most ``retain_fid_x`` x the target's: `StopCriterion`, the rule of
   ``method.stop_at``. When the target is the retrain model and retraining does not raise forget FID above the
   original's on these images, there is nothing to reach: the ratio is n/a and says so.
-* Unlearning: the family's ``ours`` config from the bench original, through ``UnlearnModule`` on the real shard
-  loader with the runner's Trainer, timed step by step (loading included) by a callback; every
-  ``check_every`` steps the student restores the held-out images and the criterion is checked (check time is
-  reported apart); the Trainer stops once it holds.
+* Unlearning: the family's ``ours`` config with the bench's recipe over it (``bench.unlearn.method``, picked by
+  `recipe_search`) from the bench original, through ``UnlearnModule`` on the real shard loader with the
+  runner's Trainer; every ``check_every`` steps the student restores the held-out images and the criterion is
+  checked; the Trainer stops once it holds. ``unlearn_s`` is the whole unlearning run's wall clock (loader and
+  Trainer set-up, the steps with their loading) less the checks' time, reported apart; ``steps_s`` is the
+  steps alone, timed by a callback.
 * Retraining: the bench retrain's measured training time per step (Lightning loop, loading, checkpoints) times the
   steps of the recipe on N retained images, ceil(epochs x N / batch), plus the family's stage before training (the
   VQ-GAN tokenizer: its measured time scaled to the recipe's steps): "extrapolated from k measured steps". Where
@@ -31,7 +33,7 @@ import time
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .. import runner
 from ..errors import ConfigError
@@ -57,7 +59,8 @@ def split_fid(cfg: DictConfig, dm, net, model: Family, split: str, n: int, devic
 class _Criterion(L.Callback):
     """Every ``every`` steps (and at the last), the student restores the held-out images and the criterion is
     checked; the Trainer stops once it holds. Step time is the wall clock between checks (loading included),
-    check time is kept apart."""
+    check time is kept apart. Checks run on a forked global RNG, so how often they run does not change the
+    unlearning's trajectory."""
 
     def __init__(self, every: int, max_steps: int, score, met, device) -> None:
         self.every, self.max_steps, self.score, self.met, self.device = every, max_steps, score, met, device
@@ -76,9 +79,10 @@ class _Criterion(L.Callback):
         step = trainer.global_step
         if step % self.every == 0 or step == self.max_steps:
             module.student.eval()
-            fid = self.score(module.student)
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                fid = self.score(module.student)  # draws nothing from the training's random stream
             module.student.train()
-            self.checks.append({"step": step, "unlearn_s": self.step_s, **fid})
+            self.checks.append({"step": step, "steps_s": self.step_s, **fid})
             if self.met(fid):
                 self.met_at = step
                 trainer.should_stop = True
@@ -90,12 +94,27 @@ def _fids(cfg: DictConfig, dm, net, model: Family, n: int, device) -> dict[str, 
     return {f"{s}_fid": split_fid(cfg, dm, net, model, s, n, device) for s in ("forget", "retain")}
 
 
+def unlearning_method(cfg: DictConfig):
+    """The method of (2): the family's ``ours`` config with the bench's recipe over it (``bench.unlearn.method``,
+    method keys such as alpha and lr, null = the config's own); a key the method does not have is a ConfigError
+    naming it."""
+    recipe = {k: v for k, v in (cfg.bench.unlearn.get("method") or {}).items() if v is not None}
+    unknown = [k for k in recipe if k not in cfg.method]
+    if unknown:
+        raise ConfigError(f"bench.unlearn.method.{unknown[0]}: method {cfg.method.name} has no such key; "
+                          f"use some of {sorted(cfg.method)}")
+    cfg = cfg.copy()  # set in the whole config, so interpolations such as the optimizer's ${method.lr} follow
+    for key, value in recipe.items():
+        OmegaConf.update(cfg, f"method.{key}", value)
+    return instantiate(cfg.method)
+
+
 def unlearn_to_criterion(cfg: DictConfig, data_dir, refs: dict[str, Family], net, device, perf: dict) -> dict:
     """``ours`` from the bench original through the runner's Trainer until the criterion holds (or the cap)."""
     b = cfg.bench.unlearn
     if b.target not in TARGETS:
         raise ConfigError(f"bench.unlearn.target={b.target!r}: use one of {list(TARGETS)}")
-    method = instantiate(cfg.method)
+    method = unlearning_method(cfg)
     n, max_steps, every = int(b.eval_images), int(b.max_steps), int(b.check_every)
     patch = refs["original"].mask_patch
     eval_dm = runner.datamodule(cfg, data_dir, {"retain": ["retain_train"]}, 1, 1, cfg.seed, patch)
@@ -110,7 +129,8 @@ def unlearn_to_criterion(cfg: DictConfig, data_dir, refs: dict[str, Family], net
     out = {"method": method.name, "batch_size": method.batch_size, "alpha": method.alpha, "lr": method.lr,
            "criterion": described, "target": str(b.target), "references": base}
     if b.target == "retrain" and gap <= 0:  # nothing to reach: a met criterion would mean nothing
-        return {**out, "criterion_met": False, "steps": 0, "unlearn_s": None, "check_s": 0.0, "checks": [],
+        return {**out, "criterion_met": False, "steps": 0, "unlearn_s": None, "steps_s": None, "check_s": 0.0,
+                "checks": [],
                 "why_not_met": f"retraining does not raise forget FID on these images (original "
                                f"{base['original']['forget_fid']:.2f}, retrain {base['retrain']['forget_fid']:.2f}): "
                                "nothing to forget on this split"}
@@ -122,6 +142,9 @@ def unlearn_to_criterion(cfg: DictConfig, data_dir, refs: dict[str, Family], net
                 "forget_gap_share": (fid["forget_fid"] - base["original"]["forget_fid"]) / gap if gap else None}
 
     criterion = _Criterion(every, max_steps, score, device=device, met=lambda f: rule.met(f, reference))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # as the runner's unlearning: the same trajectory
+    sync(device)                                                # whatever ran before in this process
+    t0 = time.perf_counter()
     streams = {"retain": [method.retain_split], "forget": ["forget_train"]}
     sizes = {"retain": method.batch_size, "forget": method.forget_batch_size}
     dm = runner.datamodule(cfg, data_dir, streams, sizes, max_steps, cfg.seed, patch)
@@ -129,10 +152,12 @@ def unlearn_to_criterion(cfg: DictConfig, data_dir, refs: dict[str, Family], net
     trainer = make_trainer(cfg, max_steps, extra_callbacks=[criterion, *settings.pop("extra_callbacks", [])],
                            **settings)
     trainer.fit(UnlearnModule(refs["original"], method, **perf), dm)
+    sync(device)
+    unlearn_s = time.perf_counter() - t0 - criterion.check_s
     met_at = criterion.met_at
     last = criterion.checks[-1] if criterion.checks else {}
-    return {**out, "criterion_met": met_at is not None, "steps": met_at or max_steps, "unlearn_s": criterion.step_s,
-            "check_s": criterion.check_s, "checks": criterion.checks,
+    return {**out, "criterion_met": met_at is not None, "steps": met_at or max_steps, "unlearn_s": unlearn_s,
+            "steps_s": criterion.step_s, "check_s": criterion.check_s, "checks": criterion.checks,
             "why_not_met": None if met_at is not None else
             f"not met within {max_steps} steps: forget FID {last.get('forget_fid', float('nan')):.2f}, retain FID "
             f"{last.get('retain_fid', float('nan')):.2f} at the last check"}

@@ -60,7 +60,7 @@ faults: setup ## kill a tiny cell in every stage (SIGKILL, SIGTERM), relaunch, c
 bench: setup ## performance ratios side by side (cost per image, unlearn vs retrain, loader, eval, memory) into outputs/bench
 	$(BIN)/python -m i2i_unlearning.bench
 
-bench-gan: setup ## the GAN's unlearn vs retrain (cascade to its criterion, retrain to its patience rule; ~35 min)
+bench-gan: setup ## the GAN's unlearn vs retrain (cascade to its criterion, retrain to its patience rule; ~25 min)
 	$(BIN)/python -m i2i_unlearning.bench bench.gan.measure=true '~bench.families.mae' '~bench.families.vqgan' \
 	  '~bench.families.diffusion'
 

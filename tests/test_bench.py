@@ -38,6 +38,8 @@ def test_bench_tiny_writes_every_ratio_for_every_family_and_the_recipe_search_re
         res = doc["results"][family]
         ulr = res["unlearn_vs_retrain"]
         assert ulr["retrain"]["how"].startswith("extrapolated from")
+        row = doc["ratios"][family]["unlearn_vs_retrain_x"]
+        assert row["x"] is None or "the retrain trained in this process" in row["abs"]  # where its time came from
         assert ulr["unlearn"]["target"] == "retrain" and set(ulr["unlearn"]["references"]) == {"original", "retrain"}
         assert res["config"]["bench_retrain"]["steps"] < res["config"]["bench_original"]["steps"]  # retain only
         assert set(res["unlearn_vs_retrain"]["growth"]) == {"bench", "half_fashion_mnist", "full_fashion_mnist"}

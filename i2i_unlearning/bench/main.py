@@ -214,7 +214,7 @@ def ratios_of(res: dict) -> dict:
                 "abs": f"unlearn {u['unlearn_s']:.1f} s, set-up included ({u['steps']} steps, {u['steps_s']:.1f} s, to "
                        f"{u['criterion']}: {met}; {against}) "
                        f"vs retrain {h['retrain_s']:.0f} s ({h['steps']} steps on {h['retain_images']} retain "
-                       f"images, {ulr['retrain']['how']})"}
+                       f"images, {ulr['retrain']['how']}; {ulr['retrain']['source']})"}
         p = ulr["projection"]
         out["unlearn_vs_retrain_projected_x"] = {
             "x": p["x"], "why_na": p["why_na"],
